@@ -1,0 +1,77 @@
+"""Start-up checks of a bundle run's settings: a wrong value fails at once, naming the setting, before any work.
+
+The config evaluates these in ``initialize``; everything here only reads the values the config already holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from ignite.engine import Engine
+
+__all__ = ["check_training_settings", "attach_resume"]
+
+logger = logging.getLogger(__name__)
+
+SWIN_SIDE = 224  # every Swin-Unet stage's token grid must divide by its 7-token window: sides are multiples of 224
+
+
+def _fail(name: str, value, rule: str) -> None:
+    raise ValueError(f"config value {name}={value!r} is invalid: {rule}")
+
+
+def check_training_settings(
+    spatial_size: Sequence[int],
+    labeled_fraction: float,
+    labeled_batch_size: int,
+    unlabeled_batch_size: int,
+    num_classes: int,
+    class_names: Sequence[str],
+    in_channels: int,
+    total_iterations: int,
+    val_interval: int,
+    weights: Mapping[str, float],
+    uses_swin_unet: bool = True,
+) -> bool:
+    """Validate the training config's main values; raise ValueError naming the first bad one. Returns True."""
+    if len(spatial_size) != 2 or any(not isinstance(s, int) or s <= 0 for s in spatial_size):
+        _fail("spatial_size", spatial_size, "two positive integers [width, height]")
+    side = SWIN_SIDE if uses_swin_unet else 32
+    if any(s % side for s in spatial_size):
+        _fail("spatial_size", spatial_size, f"each side must be a multiple of {side} for the networks used")
+    if not 0.0 < float(labeled_fraction) <= 1.0:
+        _fail("labeled_fraction", labeled_fraction, "a fraction in (0, 1]")
+    if int(labeled_batch_size) < 1:
+        _fail("labeled_batch_size", labeled_batch_size, "at least 1")
+    if int(unlabeled_batch_size) < 0:
+        _fail("unlabeled_batch_size", unlabeled_batch_size, ">= 0")
+    if weights.get("ict_weight", 0) > 0 and (unlabeled_batch_size < 2 or unlabeled_batch_size % 2):
+        _fail("unlabeled_batch_size", unlabeled_batch_size, "ICT mixes two halves: use an even number >= 2 or ict_weight=0")
+    if int(num_classes) < 2:
+        _fail("num_classes", num_classes, "at least 2 (background + one structure)")
+    if len(class_names) != num_classes:
+        _fail("class_names", list(class_names), f"one name per class ({num_classes})")
+    if in_channels not in (1, 3):
+        _fail("in_channels", in_channels, "1 or 3")
+    if int(total_iterations) < 1:
+        _fail("total_iterations", total_iterations, "at least 1")
+    if not 1 <= int(val_interval) <= int(total_iterations):
+        _fail("val_interval", val_interval, f"between 1 and total_iterations ({total_iterations})")
+    for name, value in weights.items():
+        if not isinstance(value, (int, float)) or value < 0:
+            _fail(name, value, "a number >= 0 (0 switches the term off)")
+    return True
+
+
+def attach_resume(trainer: Engine, loader, load_path: str | None) -> None:
+    """Attach a CheckpointLoader to resume training; fail clearly when resuming is asked for but no checkpoint exists."""
+    if loader is None:
+        return
+    if not load_path:
+        raise FileNotFoundError(
+            "resume=true but no resume_*.pt checkpoint was found in the checkpoint folder; "
+            "train without --resume first, or pass --resume_from PATH"
+        )
+    logger.info(f"resuming from {load_path}")
+    loader.attach(trainer)

@@ -1,0 +1,268 @@
+"""The dual-network semi-supervised trainer (arXiv 2509.06495) as a MONAI/Ignite engine.
+
+One trainer serves every method through its loss weights: the full method (CPS + ICT + information divergence),
+its ablations (a weight of 0 switches a term off and skips its computation), cross teaching between the two
+networks (CPS only) and supervised-only training (``network_b=None`` or all unsupervised weights 0).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+from torch.utils.data import DataLoader, DistributedSampler
+
+from scripts.losses import (
+    CrossPseudoSupervisionLoss,
+    InformationDivergenceLoss,
+    InterpolationConsistencyLoss,
+    SupervisedLoss,
+    ema_alpha,
+    sigmoid_rampup_weight,
+)
+
+__all__ = ["SemiSupervisedLoader", "DualNetworkTrainer", "TrainingProgressBar", "loss_terms"]
+
+# keys of engine.state.output besides MONAI's image/label/pred/loss
+LOSS_TERMS = ("sup_a", "sup_b", "cps_a", "cps_b", "ict", "kl", "mig", "divergence", "w_cps", "w_ict", "w_div", "lr")
+
+
+class SemiSupervisedLoader:
+    """Endless iterable of ``{"labeled": batch, "unlabeled": batch}`` drawn from two loaders that cycle independently.
+
+    Each loader reshuffles when it wraps; a DistributedSampler gets its epoch advanced at each wrap so that every
+    pass sees a new order on every rank. ``unlabeled`` is omitted when no unlabelled loader is given.
+    """
+
+    def __init__(self, labeled: DataLoader, unlabeled: DataLoader | None = None) -> None:
+        if len(labeled) == 0:
+            raise ValueError(
+                f"the labelled loader yields no batch: {len(labeled.dataset)} labelled images for a labelled batch of "
+                f"{labeled.batch_size} (drop_last={labeled.drop_last}); add labelled images or lower the batch size"
+            )
+        self.loaders = {"labeled": labeled}
+        if unlabeled is not None:
+            if len(unlabeled) == 0:
+                raise ValueError(
+                    f"the unlabelled loader yields no batch: {len(unlabeled.dataset)} unlabelled images for a batch of "
+                    f"{unlabeled.batch_size}; add unlabelled images or lower the unlabelled batch size"
+                )
+            self.loaders["unlabeled"] = unlabeled
+
+    @staticmethod
+    def _cycle(loader: DataLoader) -> Iterator:
+        sampler = getattr(loader, "sampler", None)
+        passes = 0
+        while True:
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(passes)
+            yield from loader
+            passes += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        streams = {name: self._cycle(loader) for name, loader in self.loaders.items()}
+        while True:
+            yield {name: next(stream) for name, stream in streams.items()}
+
+
+def loss_terms(output: dict) -> dict[str, float]:
+    """The loss and every computed loss term and weight of one iteration, as floats (for StatsHandler/TensorBoard)."""
+    terms = {k: output[k] for k in (Keys.LOSS, *LOSS_TERMS) if k in output}
+    return {k: float(v) for k, v in terms.items()}
+
+
+class DualNetworkTrainer(Trainer):
+    """UNeXt (network A) and Swin-Unet (network B) trained together, with an EMA teacher of B (REFERENCE §1.3-1.4).
+
+    Per iteration, with labelled rows x_l, y and unlabelled rows x_u (x = cat(x_l, x_u)):
+    loss = [sup(A(x_l), y) + w_cps cps_A] + [sup(B(x_l), y) + w_cps cps_B + w_ict ict_B] + w_div L_ID(p_A(x), p_B(x)),
+    every w ramped up by ``w(t) = W exp(-5 (1 - min(t // r, L) / L)^2)``; ICT is 0 for the first
+    ``ict_warmup_iterations``. A runs once on x; B runs once on cat(x, ICT mix); the teacher (eval mode, no grad)
+    runs once on x_u. One backward of the summed loss, both optimisers step, then
+    teacher = alpha teacher + (1 - alpha) B with alpha = min(1 - 1 / (t + 1), ema_max_alpha).
+
+    Args:
+        device, max_epochs, train_data_loader, epoch_length, non_blocking, train_handlers, amp: as MONAI's Trainer;
+            ``train_data_loader`` yields ``{"labeled": {"image", "label"}, "unlabeled": {"image"}}`` (see
+            :class:`SemiSupervisedLoader`), so ``epoch_length`` is required.
+        network_a, optimizer_a: the deployed CNN and its optimiser.
+        network_b, optimizer_b: the second network and its optimiser; ``None`` trains A alone (supervised).
+        cps_weight, ict_weight, divergence_weight: W of each unsupervised term; 0 switches the term off.
+        rampup_length: L of the ramp-up (200). rampup_iterations: iterations the ramp spans (r = that // L);
+            defaults to the whole run, as the paper's schedule does.
+        ict_warmup_iterations: iterations before ICT starts (1000 in the paper). ict_alpha: Beta(a, a) mixing.
+        ema_max_alpha: the cap on the EMA decay (0.99).
+        amp_dtype: autocast dtype when ``amp`` is True (bfloat16 works on CPU and GPU).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        epoch_length: int,
+        network_a: torch.nn.Module,
+        optimizer_a: torch.optim.Optimizer,
+        network_b: torch.nn.Module | None = None,
+        optimizer_b: torch.optim.Optimizer | None = None,
+        cps_weight: float = 1.0,
+        ict_weight: float = 1.0,
+        divergence_weight: float = 1.0,
+        rampup_length: int = 200,
+        rampup_iterations: int | None = None,
+        ict_warmup_iterations: int = 1000,
+        ict_alpha: float = 0.5,
+        ema_max_alpha: float = 0.99,
+        non_blocking: bool = False,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        amp_dtype: torch.dtype | str = torch.bfloat16,
+        prepare_batch: Callable | None = None,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            handlers=train_handlers,
+            amp=amp,
+            decollate=False,
+        )
+        if (network_b is None) != (optimizer_b is None):
+            raise ValueError("network_b and optimizer_b must be given together")
+        weights = {"cps_weight": cps_weight, "ict_weight": ict_weight, "divergence_weight": divergence_weight}
+        for name, value in weights.items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+            if network_b is None and value > 0:
+                raise ValueError(f"{name}={value} needs a second network: set network_b or set {name} to 0")
+        self.network_a, self.optimizer_a = network_a, optimizer_a
+        self.network_b, self.optimizer_b = network_b, optimizer_b
+        self.cps_weight, self.ict_weight, self.divergence_weight = cps_weight, ict_weight, divergence_weight
+        self.rampup_length = rampup_length
+        self.rampup_iterations = rampup_iterations
+        self.ict_warmup_iterations = ict_warmup_iterations
+        self.ema_max_alpha = ema_max_alpha
+        self.amp_dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
+
+        self.supervised_loss = SupervisedLoss()
+        self.cps_loss = CrossPseudoSupervisionLoss()
+        self.ict_loss = InterpolationConsistencyLoss(alpha=ict_alpha)
+        self.divergence_loss = InformationDivergenceLoss()
+
+        self.teacher_b: torch.nn.Module | None = None
+        if network_b is not None and ict_weight > 0:
+            self.teacher_b = copy.deepcopy(network_b).eval()
+            for p in self.teacher_b.parameters():
+                p.requires_grad_(False)
+            # parameter lists for one fused EMA update per iteration
+            self._ema_pairs = (list(self.teacher_b.parameters()), list(network_b.parameters()))
+        self._prepare = prepare_batch
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def unsupervised_weights(self, iteration: int) -> dict[str, float]:
+        """The ramped weights (w_cps, w_ict, w_div) at 0-based iteration t."""
+        total = self.rampup_iterations or self.state.max_epochs * self.state.epoch_length
+        interval = max(1, int(total // max(1, self.rampup_length)))
+        ramp = lambda w: sigmoid_rampup_weight(iteration, w, self.rampup_length, interval)  # noqa: E731
+        return {"w_cps": ramp(self.cps_weight), "w_ict": ramp(self.ict_weight), "w_div": ramp(self.divergence_weight)}
+
+    def _to_device(self, batch: dict, key: str) -> torch.Tensor:
+        return batch[key].to(self.state.device, non_blocking=self.non_blocking)
+
+    @torch.no_grad()
+    def update_teacher(self, iteration: int) -> None:
+        """teacher = alpha teacher + (1 - alpha) B, alpha = min(1 - 1 / (t + 1), ema_max_alpha)."""
+        alpha = ema_alpha(iteration, self.ema_max_alpha)
+        torch._foreach_lerp_(self._ema_pairs[0], self._ema_pairs[1], 1.0 - alpha)
+
+    def _iteration(self, engine: DualNetworkTrainer, batchdata: dict[str, Any]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        if self._prepare is not None:
+            batchdata = self._prepare(batchdata)
+        labeled, unlabeled = batchdata["labeled"], batchdata.get("unlabeled")
+        x_l, y = self._to_device(labeled, Keys.IMAGE), self._to_device(labeled, Keys.LABEL)
+        x_u = self._to_device(unlabeled, Keys.IMAGE) if unlabeled is not None else None
+        t = engine.state.iteration - 1
+        n_l = x_l.shape[0]
+        a, b = self.network_a, self.network_b
+        weights = self.unsupervised_weights(t) if b is not None else {}
+        use_unlabeled = b is not None and x_u is not None
+        use_cps = use_unlabeled and self.cps_weight > 0
+        use_ict = use_unlabeled and self.teacher_b is not None and t >= self.ict_warmup_iterations
+        use_div = b is not None and self.divergence_weight > 0
+        x = torch.cat((x_l, x_u)) if use_unlabeled else x_l
+
+        engine.state.output = out = {Keys.IMAGE: x_l, Keys.LABEL: y}
+        a.train()
+        if b is not None:
+            b.train()
+        device_type = torch.device(engine.state.device).type
+        with torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp):
+            if use_ict:
+                mixed, lam = self.ict_loss.mix(x_u)
+                with torch.no_grad():
+                    teacher_prob = torch.softmax(self.teacher_b(x_u).float(), dim=1)
+            logits_a = a(x).float()
+            logits_b = b(torch.cat((x, mixed)) if use_ict else x).float() if b is not None else None
+        out[Keys.PRED] = logits_a[:n_l].detach()
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+
+        loss = out["sup_a"] = self.supervised_loss(logits_a[:n_l], y)
+        if b is not None:
+            if use_ict:
+                logits_b, logits_b_mixed = logits_b[: x.shape[0]], logits_b[x.shape[0] :]
+            out["sup_b"] = self.supervised_loss(logits_b[:n_l], y)
+            loss = loss + out["sup_b"]
+            prob_a, prob_b = torch.softmax(logits_a, dim=1), torch.softmax(logits_b, dim=1)
+            if use_cps:
+                out["cps_a"], out["cps_b"] = self.cps_loss(prob_a[n_l:], prob_b[n_l:])
+                loss = loss + weights["w_cps"] * (out["cps_a"] + out["cps_b"])
+            if use_ict:
+                out["ict"] = self.ict_loss(torch.softmax(logits_b_mixed, dim=1), teacher_prob, lam)
+                loss = loss + weights["w_ict"] * out["ict"]
+            if use_div:
+                out["divergence"], out["kl"], out["mig"] = self.divergence_loss(prob_a, prob_b)
+                loss = loss + weights["w_div"] * out["divergence"]
+        out[Keys.LOSS] = loss
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        self.optimizer_a.zero_grad(set_to_none=True)
+        if self.optimizer_b is not None:
+            self.optimizer_b.zero_grad(set_to_none=True)
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        self.optimizer_a.step()
+        if self.optimizer_b is not None:
+            self.optimizer_b.step()
+        if self.teacher_b is not None:
+            self.update_teacher(t)
+
+        for k in LOSS_TERMS:
+            if k in out:
+                out[k] = out[k].detach() if isinstance(out[k], torch.Tensor) else out[k]
+        out.update(weights)
+        out["lr"] = self.optimizer_a.param_groups[0]["lr"]
+        out[Keys.LOSS] = loss.detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return out
+
+
+class TrainingProgressBar:
+    """A tqdm progress bar over the whole run showing the total loss (ignite's ProgressBar, attachable from a config)."""
+
+    def __init__(self, persist: bool = False) -> None:
+        from ignite.handlers import ProgressBar
+
+        self.bar = ProgressBar(persist=persist)
+
+    def attach(self, engine: Engine) -> None:
+        self.bar.attach(engine, output_transform=lambda out: {"loss": float(out[Keys.LOSS])})

@@ -1,0 +1,92 @@
+"""Dictionary transforms the bundle needs beyond MONAI's own: channel-count normalisation and input validation.
+
+Each check raises one ValueError naming the offending file, so a bad item in a datalist is found at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+__all__ = ["AsChannelsd", "CheckLabelRanged", "CheckMinSized", "source_name"]
+
+
+def source_name(data: Mapping, key: Hashable) -> str:
+    """The file an item's array came from (MetaTensor meta), else the datalist entry, else the key."""
+    value = data.get(key)
+    meta = getattr(value, "meta", None) or {}
+    return str(meta.get("filename_or_obj") or data.get(f"{key}_path") or key)
+
+
+class AsChannelsd(MapTransform):
+    """Give a channel-first image exactly ``channels`` channels: grey is repeated, RGBA loses alpha, RGB -> grey averages.
+
+    Ultrasound is grey but the paper's networks take 3 channels; PACS exports are often RGB.
+    """
+
+    def __init__(self, keys: KeysCollection, channels: int = 3, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.channels = channels
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            c = img.shape[0]
+            if c == 4:  # RGBA / LA saved PNGs
+                img, c = img[:3], 3
+            if c == 2:
+                img, c = img[:1], 1
+            if c not in (1, 3):
+                raise ValueError(f"{source_name(d, key)}: expected 1, 3 or 4 channels, got {c} (shape {tuple(img.shape)})")
+            if c != self.channels:
+                img = img.repeat(3, *([1] * (img.ndim - 1))) if c == 1 else img.mean(dim=0, keepdim=True)
+            d[key] = img
+        return d
+
+
+class CheckLabelRanged(MapTransform):
+    """Fail with the file name when a label holds values outside {0, ..., num_classes - 1} or non-integers."""
+
+    def __init__(self, keys: KeysCollection, num_classes: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = num_classes
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = torch.as_tensor(d[key])
+            values = torch.unique(label)
+            bad = values[(values < 0) | (values >= self.num_classes) | (values != torch.round(values))]
+            if bad.numel():
+                shown = ", ".join(f"{v:g}" for v in bad[:8].tolist())
+                raise ValueError(
+                    f"{source_name(d, key)}: label values {{{shown}}} are outside the class range 0..{self.num_classes - 1}"
+                    " (a mask must hold class indices; HC18 outlines must be filled by `python -m scripts.data prepare`)"
+                )
+            if label.shape[0] != 1:
+                raise ValueError(f"{source_name(d, key)}: a label must have one channel, got shape {tuple(label.shape)}")
+        return d
+
+
+class CheckMinSized(MapTransform):
+    """Fail with the file name when an image's spatial size is below ``min_size`` (too small to resample faithfully)."""
+
+    def __init__(self, keys: KeysCollection, min_size: Sequence[int], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.min_size = tuple(int(s) for s in min_size)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            size = tuple(d[key].shape[1:])
+            if any(s < m for s, m in zip(size, self.min_size)):
+                raise ValueError(
+                    f"{source_name(d, key)}: image size {size} is smaller than the minimum {self.min_size} for this network"
+                )
+        return d

@@ -1,0 +1,194 @@
+"""The dual-network trainer on tiny stand-in networks: updates, EMA, loss switches, events, forward counts, resume."""
+
+import copy
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from torch.utils.data import DataLoader
+
+from scripts.losses import SupervisedLoss, ema_alpha
+from scripts.trainer import DualNetworkTrainer, SemiSupervisedLoader, loss_terms
+
+
+class CountingNet(torch.nn.Module):
+    """A two-layer conv net that counts forward calls and the rows it saw."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+        self.calls, self.rows = 0, 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.body(x)
+
+
+def make_loaders(n_labeled=4, n_unlabeled=8, lb=1, ub=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labeled = [
+        {"image": torch.rand(3, 8, 8, generator=g), "label": (torch.rand(1, 8, 8, generator=g) > 0.5).float()}
+        for _ in range(n_labeled)
+    ]
+    unlabeled = [{"image": torch.rand(3, 8, 8, generator=g)} for _ in range(n_unlabeled)]
+    return SemiSupervisedLoader(
+        DataLoader(labeled, batch_size=lb, shuffle=True, drop_last=True),
+        DataLoader(unlabeled, batch_size=ub, shuffle=True, drop_last=True) if ub else None,
+    )
+
+
+def make_trainer(iterations=3, net_b=True, max_epochs=1, **weights):
+    a, b = CountingNet(0), CountingNet(1) if net_b else None
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9) if net_b else None
+    kwargs = {"cps_weight": 1.0, "ict_weight": 1.0, "divergence_weight": 1.0, "ict_warmup_iterations": 0}
+    if not net_b:
+        kwargs = {"cps_weight": 0.0, "ict_weight": 0.0, "divergence_weight": 0.0}
+    kwargs.update(weights)
+    trainer = DualNetworkTrainer(
+        device="cpu", max_epochs=max_epochs, epoch_length=iterations, train_data_loader=make_loaders(ub=4 if net_b else 0),
+        network_a=a, optimizer_a=opt_a, network_b=b, optimizer_b=opt_b, rampup_length=200, **kwargs,
+    )
+    return trainer, a, b
+
+
+def params(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_iterations_change_both_networks_and_the_teacher():
+    torch.manual_seed(0)
+    trainer, a, b = make_trainer(iterations=3)
+    before_a, before_b, before_t = params(a), params(b), params(trainer.teacher_b)
+    trainer.run()
+    assert trainer.state.iteration == 3
+    for before, net in ((before_a, a), (before_b, b), (before_t, trainer.teacher_b)):
+        assert any(not torch.equal(p0, p1) for p0, p1 in zip(before, net.parameters()))
+    assert not trainer.teacher_b.training and all(not p.requires_grad for p in trainer.teacher_b.parameters())
+
+
+def test_ema_update_follows_the_formula():
+    torch.manual_seed(0)
+    trainer, a, b = make_trainer(iterations=2)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append((params(b), params(e.teacher_b))))
+    trainer.run()
+    (b1, t1), (b2, t2) = seen
+    # t = 0: alpha = 0, the teacher becomes the student; t = 1: alpha = 0.5
+    assert all(torch.allclose(x, y) for x, y in zip(b1, t1))
+    alpha = ema_alpha(1)
+    assert alpha == 0.5
+    assert all(torch.allclose(t, alpha * p + (1 - alpha) * s) for t, p, s in zip(t2, t1, b2))
+
+
+def test_each_network_runs_once_per_distinct_input():
+    torch.manual_seed(0)
+    trainer, a, b = make_trainer(iterations=4, ict_warmup_iterations=2)
+    teacher_calls = []
+    trainer.teacher_b.register_forward_hook(lambda m, i, o: teacher_calls.append(i[0].shape[0]))
+    trainer.run()
+    assert a.calls == 4 and a.rows == 4 * 5  # labelled + unlabelled together
+    # B: 5 rows, plus the 2 ICT mixes once ICT has started (iterations 3 and 4)
+    assert b.calls == 4 and b.rows == 2 * 5 + 2 * 7
+    assert teacher_calls == [4, 4]  # both halves in one call, only after the warm-up
+
+
+def test_events_fire_and_output_holds_every_term():
+    torch.manual_seed(0)
+    trainer, _, _ = make_trainer(iterations=2)
+    steps = ("FORWARD_COMPLETED", "LOSS_COMPLETED", "BACKWARD_COMPLETED", "MODEL_COMPLETED")
+    fired = {getattr(IterationEvents, e): 0 for e in steps}
+    for event in fired:
+        trainer.add_event_handler(event, lambda _, ev=event: fired.__setitem__(ev, fired[ev] + 1))
+    trainer.run()
+    assert all(count == 2 for count in fired.values()), fired
+    terms = loss_terms(trainer.state.output)
+    for key in ("loss", "sup_a", "sup_b", "cps_a", "cps_b", "ict", "kl", "mig", "divergence", "w_cps", "w_ict", "w_div"):
+        assert key in terms and isinstance(terms[key], float)
+    # t = 1, ramp interval = 2 // 200 -> 1: s = 1 of L = 200
+    assert terms["w_cps"] == pytest.approx(torch.exp(torch.tensor(-5 * (1 - 1 / 200) ** 2)).item(), rel=1e-6)
+    assert terms["loss"] == pytest.approx(
+        terms["sup_a"] + terms["sup_b"] + terms["w_cps"] * (terms["cps_a"] + terms["cps_b"])
+        + terms["w_ict"] * terms["ict"] + terms["w_div"] * terms["divergence"], rel=1e-5,
+    )
+
+
+def grads_after_one_iteration(**weights):
+    torch.manual_seed(0)
+    trainer, a, b = make_trainer(iterations=1, **weights)
+    grads = {}
+    trainer.add_event_handler(
+        IterationEvents.BACKWARD_COMPLETED,
+        lambda e: grads.update(a=[p.grad.clone() for p in a.parameters()], batch=copy.deepcopy(e.state.batch)),
+    )
+    trainer.run()
+    return trainer, a, grads
+
+
+def test_zero_weights_remove_the_unsupervised_gradients():
+    # with every unsupervised weight at 0, A's gradient is exactly that of its supervised loss alone
+    trainer, a, grads = grads_after_one_iteration(cps_weight=0.0, ict_weight=0.0, divergence_weight=0.0)
+    assert not {"cps_a", "ict", "divergence"} & set(trainer.state.output)
+    ref = CountingNet(0)
+    x_l, y = grads["batch"]["labeled"]["image"], grads["batch"]["labeled"]["label"]
+    SupervisedLoss()(ref(x_l), y).backward()
+    for g, r in zip(grads["a"], ref.parameters()):
+        assert torch.allclose(g, r.grad, atol=1e-6)
+    # switching one term on changes A's gradient
+    _, _, grads_div = grads_after_one_iteration(cps_weight=0.0, ict_weight=0.0, divergence_weight=1.0)
+    assert any(not torch.allclose(g0, g1) for g0, g1 in zip(grads["a"], grads_div["a"]))
+    trainer_cps, _, _ = grads_after_one_iteration(cps_weight=1.0, ict_weight=0.0, divergence_weight=0.0)
+    assert "cps_a" in trainer_cps.state.output and "divergence" not in trainer_cps.state.output
+    assert trainer_cps.teacher_b is None  # no ICT, no teacher kept
+
+
+def test_supervised_only_without_second_network():
+    torch.manual_seed(0)
+    trainer, a, _ = make_trainer(iterations=2, net_b=False)
+    before = params(a)
+    trainer.run()
+    assert a.rows == 2  # labelled rows only
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(before, a.parameters()))
+    with pytest.raises(ValueError, match="needs a second network"):
+        make_trainer(net_b=False, cps_weight=1.0)
+
+
+def test_resume_continues_iterations_and_optimiser_state(tmp_path):
+    def build(max_epochs):
+        trainer, a, b = make_trainer(iterations=3, max_epochs=max_epochs)
+        objs = {"a": a, "b": b, "teacher": trainer.teacher_b, "optimizer_a": trainer.optimizer_a,
+                "optimizer_b": trainer.optimizer_b, "trainer": trainer}
+        return trainer, objs
+
+    torch.manual_seed(0)
+    first, objs = build(max_epochs=1)
+    CheckpointSaver(str(tmp_path), objs, file_prefix="resume", save_interval=1, n_saved=1).attach(first)
+    first.run()
+    saved = next(tmp_path.glob("resume_*.pt"))
+    mom_saved = [s["momentum_buffer"].clone() for s in first.optimizer_a.state_dict()["state"].values()]
+
+    second, objs2 = build(max_epochs=2)
+    CheckpointLoader(str(saved), objs2).attach(second)
+    started = []
+    second.add_event_handler(Events.ITERATION_STARTED, lambda e: started.append(e.state.iteration))
+    checked = {}
+
+    def check_loaded(engine):  # runs after CheckpointLoader (attached first) at STARTED
+        mom = [s["momentum_buffer"] for s in engine.optimizer_a.state_dict()["state"].values()]
+        checked["momentum"] = len(mom) == len(mom_saved) and all(torch.equal(x, y) for x, y in zip(mom_saved, mom))
+        checked["teacher"] = all(torch.equal(x, y) for x, y in zip(objs["teacher"].parameters(), objs2["teacher"].parameters()))
+        checked["iteration"] = engine.state.iteration
+
+    second.add_event_handler(Events.STARTED, check_loaded)
+    second.run()
+    assert checked == {"momentum": True, "teacher": True, "iteration": 3}
+    assert started == [4, 5, 6] and second.state.iteration == 6
+
+
+def test_loader_errors_name_the_problem():
+    with pytest.raises(ValueError, match="2 labelled images for a labelled batch of 4"):
+        SemiSupervisedLoader(DataLoader([{"image": torch.zeros(1)}] * 2, batch_size=4, drop_last=True))

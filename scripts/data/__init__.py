@@ -1,0 +1,19 @@
+"""Data side of the bundle: data-set readers, the synthetic HC18 phantom, and the subject-grouped datalist."""
+
+from .datalist import prepare_dataset, split_subjects
+from .hc18 import ellipse_circumference, fill_outline, list_hc18, load_hc18_mask, read_hc18_csv
+from .phantom import ellipse_mask, ellipse_outline, generate_phantom, save_phantom_montage
+
+__all__ = [
+    "ellipse_circumference",
+    "ellipse_mask",
+    "ellipse_outline",
+    "fill_outline",
+    "generate_phantom",
+    "list_hc18",
+    "load_hc18_mask",
+    "prepare_dataset",
+    "read_hc18_csv",
+    "save_phantom_montage",
+    "split_subjects",
+]

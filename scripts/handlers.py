@@ -1,0 +1,262 @@
+"""Ignite handlers of the evaluation path: per-image metrics written as a table, a summary and a picture."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import decollate_batch
+from monai.networks.utils import one_hot
+
+from scripts.metrics import pixel_size_pair, segmentation_metrics
+
+__all__ = ["MetricsWriter", "write_atomic"]
+
+logger = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ("dice", "hd95_px", "asd_px", "hd95_mm", "asd_mm")
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file beside it, then ``os.replace`` it into place.
+
+    A failure while writing leaves any previous ``path`` untouched and removes the temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": "", "encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _as_onehot(x: Any, num_classes: int, what: str, filename: str) -> torch.Tensor:
+    """(C, X, Y) one-hot as is; a (1, X, Y) or (X, Y) index map is one-hot encoded to ``num_classes`` channels."""
+    x = torch.as_tensor(x).detach().cpu()
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"{filename}: {what} must be (C, X, Y) one-hot or a (1, X, Y) index map: {tuple(x.shape)}.")
+    if x.shape[0] == num_classes:
+        return x.float()
+    if x.shape[0] == 1:
+        values = torch.unique(x)
+        if bool(((values < 0) | (values >= num_classes) | (values != values.round())).any()):
+            raise ValueError(
+                f"{filename}: {what} index map holds values {values.tolist()}, expected integers in [0, {num_classes})."
+            )
+        return one_hot(x[None].long(), num_classes, dim=1)[0]
+    raise ValueError(f"{filename}: {what} has {x.shape[0]} channels; expected {num_classes} (one-hot) or 1 (indices).")
+
+
+def _filename(item: dict, batch_item: dict | None, pred: Any, image_key: str) -> str | None:
+    """``filename_or_obj`` from the prediction's meta, else the image's (output item, then batch item)."""
+    sources = [item.get(image_key)] + ([batch_item.get(image_key)] if batch_item else [])
+    for source in [pred, *sources]:
+        if isinstance(source, (str, os.PathLike)):
+            return str(source)
+        name = (getattr(source, "meta", None) or {}).get("filename_or_obj")
+        if name:
+            return str(name)
+    if batch_item and isinstance(batch_item.get(f"{image_key}_meta_dict"), dict):
+        name = batch_item[f"{image_key}_meta_dict"].get("filename_or_obj")
+        return str(name) if name else None
+    return None
+
+
+def _items(data: Any) -> list:
+    """Per-image items of ``engine.state.output`` or ``.batch``: already a list when the workflow decollates."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        return decollate_batch(data, detach=True)
+    return []
+
+
+class MetricsWriter:
+    """Per-image Dice, HD95 and ASD of an evaluator run, written to ``<output_dir>/metrics.{csv,json,png}``.
+
+    Attach to a MONAI ``SupervisedEvaluator`` (``validate#handlers`` or ``evaluator`` handlers in a bundle config).
+    On every ``ITERATION_COMPLETED`` it scores each image of ``engine.state.output`` (decollated items, or a batch
+    dict) with :func:`scripts.metrics.segmentation_metrics`: ``pred`` is one-hot (``AsDiscreted(argmax=True,
+    to_onehot=C)``); ``label`` is one-hot or an index map; the pixel size is ``pixel_size_key`` of the batch item
+    (or the output item), unknown when absent. On ``EPOCH_COMPLETED`` it writes, each file atomically:
+
+    - ``metrics.csv``: one row per image: ``filename, dice, hd95_px, asd_px, hd95_mm, asd_mm, empty_prediction``
+      (mm cells empty when the pixel size is unknown), then per-class columns ``<metric>_<class name>`` when there
+      is more than one scored class;
+    - ``metrics.json``: ``{"per_image", "mean", "std", "n_images", "n_empty_predictions", "n_failures",
+      "n_images_with_pixel_size"}``; means and population standard deviations over images, empty predictions
+      included with their worst distances; mm statistics over the images with a known pixel size;
+    - ``metrics.png``: the per-image distributions, when ``plot`` is on.
+
+    Args:
+        output_dir: folder for the files (created if missing).
+        num_classes: classes including background, to one-hot index maps; default: the prediction's channels.
+        include_background: also score channel 0.
+        class_names: names of the scored classes for the per-class columns; default ``class<index>``.
+        pred_key, label_key, image_key, pixel_size_key: keys of the output/batch items.
+        file_prefix: base name of the written files.
+        plot: also write ``<file_prefix>.png``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        num_classes: int | None = None,
+        include_background: bool = False,
+        class_names: Sequence[str] | None = None,
+        pred_key: str = "pred",
+        label_key: str = "label",
+        image_key: str = "image",
+        pixel_size_key: str = "pixel_size_mm",
+        file_prefix: str = "metrics",
+        plot: bool = True,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.num_classes = num_classes
+        self.include_background = include_background
+        self.class_names = list(class_names) if class_names is not None else None
+        self.pred_key, self.label_key, self.image_key = pred_key, label_key, image_key
+        self.pixel_size_key = pixel_size_key
+        self.file_prefix = file_prefix
+        self.plot = plot
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self.rows = []
+
+    def iteration_completed(self, engine: Engine) -> None:
+        outputs, batch = _items(engine.state.output), _items(engine.state.batch)
+        for i, item in enumerate(outputs):
+            batch_item = batch[i] if i < len(batch) and isinstance(batch[i], dict) else None
+            self.rows.append(self.score(item, batch_item))
+
+    def score(self, item: dict, batch_item: dict | None = None) -> dict[str, Any]:
+        """One CSV row for one decollated output item (and its batch item, for the pixel size and file name)."""
+        pred = item[self.pred_key]
+        filename = _filename(item, batch_item, pred, self.image_key) or f"image_{len(self.rows):04d}"
+        num_classes = self.num_classes or int(torch.as_tensor(pred).shape[0])
+        if num_classes < 2:
+            raise ValueError(f"{filename}: a 1-channel prediction does not give the class count; set num_classes.")
+        pred = _as_onehot(pred, num_classes, "prediction", filename)
+        label = _as_onehot(item[self.label_key], num_classes, "label", filename)
+        raw_size = batch_item.get(self.pixel_size_key) if batch_item else None
+        raw_size = item.get(self.pixel_size_key) if raw_size is None else raw_size
+        result = segmentation_metrics(pred, label, pixel_size_pair(raw_size), self.include_background)
+
+        row: dict[str, Any] = {"filename": filename}
+        row.update({k: result[k] for k in METRIC_COLUMNS})
+        row["empty_prediction"] = result["empty_prediction"]
+        row["failure"] = result["failure"]
+        if len(result["per_class"]) > 1:
+            for name, values in zip(self._class_names(result["per_class"]), result["per_class"].values()):
+                row.update({f"{k}_{name}": values[k] for k in (*METRIC_COLUMNS, "empty_prediction")})
+        return row
+
+    def _class_names(self, per_class: dict[int, Any]) -> list[str]:
+        if self.class_names is None:
+            return [f"class{c}" for c in per_class]
+        if len(self.class_names) != len(per_class):
+            raise ValueError(f"class_names has {len(self.class_names)} names for {len(per_class)} scored classes.")
+        return self.class_names
+
+    def summary(self, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Means and population standard deviations over images of every numeric column, and the counts."""
+        rows = self.rows if rows is None else rows
+        numeric = [k for k in rows[0] if k != "filename" and not isinstance(rows[0][k], bool)] if rows else []
+        mean, std = {}, {}
+        for k in numeric:
+            values = np.asarray([r[k] for r in rows if r[k] is not None], dtype=np.float64)
+            mean[k] = float(values.mean()) if values.size else None
+            std[k] = float(values.std()) if values.size else None
+        return {
+            "per_image": rows,
+            "mean": mean,
+            "std": std,
+            "n_images": len(rows),
+            "n_empty_predictions": sum(bool(r["empty_prediction"]) for r in rows),
+            "n_failures": sum(bool(r["failure"]) for r in rows),
+            "n_images_with_pixel_size": sum(r["hd95_mm"] is not None for r in rows),
+        }
+
+    def epoch_completed(self, engine: Engine) -> None:
+        rows = self._gather(self.rows)
+        if rows is None:  # not the writing rank
+            return
+        if not rows:
+            logger.warning("MetricsWriter: no image was scored; %s is left as it was.", self.output_dir)
+            return
+        summary = self.summary(rows)
+        prefix = self.output_dir / self.file_prefix
+        write_atomic(prefix.with_suffix(".csv"), lambda f: self._write_csv(f, rows))
+        write_atomic(prefix.with_suffix(".json"), lambda f: json.dump(summary, f, indent=2, allow_nan=False))
+        if self.plot:
+            write_atomic(prefix.with_suffix(".png"), lambda f: self._write_plot(f, summary), binary=True)
+        m = summary["mean"]
+        unit = "mm" if m.get("hd95_mm") is not None else "px"
+        logger.info(
+            "%d images, %d empty predictions: Dice %.4f, HD95 %.2f %s, ASD %.2f %s -> %s.csv/.json",
+            summary["n_images"], summary["n_empty_predictions"], m["dice"],
+            m[f"hd95_{unit}"], unit, m[f"asd_{unit}"], unit, prefix,
+        )
+
+    @staticmethod
+    def _gather(rows: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """All ranks' rows on rank 0 (``None`` elsewhere); the rows as they are without torch.distributed."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return rows
+        parts: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, rows)
+        return [r for part in parts for r in part] if torch.distributed.get_rank() == 0 else None
+
+    @staticmethod
+    def _write_csv(f: IO, rows: list[dict[str, Any]]) -> None:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else int(v) if isinstance(v, bool) else v) for k, v in row.items()})
+
+    @staticmethod
+    def _write_plot(f: IO, summary: dict[str, Any]) -> None:
+        from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+        rows = summary["per_image"]
+        unit = "mm" if summary["n_images_with_pixel_size"] == summary["n_images"] else "px"
+        panels = [("dice", "Dice"), (f"hd95_{unit}", f"HD95 ({unit})"), (f"asd_{unit}", f"ASD ({unit})")]
+        fig = Figure(figsize=(9, 3.2), layout="constrained")
+        axes = fig.subplots(1, len(panels))
+        rng = np.random.default_rng(0)
+        for ax, (key, title) in zip(axes, panels):
+            values = np.asarray([r[key] for r in rows], dtype=np.float64)
+            empty = np.asarray([r["empty_prediction"] for r in rows], dtype=bool)
+            ax.boxplot(values, widths=0.5, showfliers=False)
+            x = 1 + rng.uniform(-0.15, 0.15, size=values.size)
+            ax.scatter(x[~empty], values[~empty], s=10, alpha=0.7)
+            if empty.any():
+                ax.scatter(x[empty], values[empty], s=18, marker="x", color="red", label="empty prediction")
+                ax.legend(loc="best", fontsize=7)
+            ax.set_title(f"{title}: {np.mean(values):.3g} ± {np.std(values):.2g}")
+            ax.set_xticks([])
+        fig.suptitle(f"{summary['n_images']} images, {summary['n_empty_predictions']} empty predictions")
+        fig.savefig(f, format="png", dpi=100)

@@ -8,9 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-from ignite.engine import Engine
-
-__all__ = ["check_training_settings", "attach_resume"]
+__all__ = ["check_training_settings", "find_resume_checkpoint", "require_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +42,9 @@ def check_training_settings(
         _fail("labeled_fraction", labeled_fraction, "a fraction in (0, 1]")
     if int(labeled_batch_size) < 1:
         _fail("labeled_batch_size", labeled_batch_size, "at least 1")
+    for name, value in weights.items():
+        if not isinstance(value, (int, float)) or value < 0:
+            _fail(name, value, "a number >= 0 (0 switches the term off)")
     if int(unlabeled_batch_size) < 0:
         _fail("unlabeled_batch_size", unlabeled_batch_size, ">= 0")
     if weights.get("ict_weight", 0) > 0 and (unlabeled_batch_size < 2 or unlabeled_batch_size % 2):
@@ -58,20 +59,26 @@ def check_training_settings(
         _fail("total_iterations", total_iterations, "at least 1")
     if not 1 <= int(val_interval) <= int(total_iterations):
         _fail("val_interval", val_interval, f"between 1 and total_iterations ({total_iterations})")
-    for name, value in weights.items():
-        if not isinstance(value, (int, float)) or value < 0:
-            _fail(name, value, "a number >= 0 (0 switches the term off)")
     return True
 
 
-def attach_resume(trainer: Engine, loader, load_path: str | None) -> None:
-    """Attach a CheckpointLoader to resume training; fail clearly when resuming is asked for but no checkpoint exists."""
-    if loader is None:
-        return
-    if not load_path:
+def find_resume_checkpoint(checkpoint_dir: str) -> str:
+    """The newest ``resume_*.pt`` in ``checkpoint_dir``; a clear error when there is none to resume from."""
+    from pathlib import Path
+
+    found = sorted(Path(checkpoint_dir).glob("resume_*.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
         raise FileNotFoundError(
-            "resume=true but no resume_*.pt checkpoint was found in the checkpoint folder; "
-            "train without --resume first, or pass --resume_from PATH"
+            f"resume=true but {checkpoint_dir} holds no resume_*.pt checkpoint; train once without --resume first"
         )
-    logger.info(f"resuming from {load_path}")
-    loader.attach(trainer)
+    logger.info(f"resuming from {found[-1]}")
+    return str(found[-1])
+
+
+def require_file(path: str, what: str) -> str:
+    """Fail with the path and what the file is for when it does not exist."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found: {what}")
+    return path

@@ -1,0 +1,110 @@
+"""The bundle as users run it: metadata, the MONAI bundle commands, and train -> resume -> evaluate -> infer end to end."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scripts.networks import UNeXt
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
+TINY = ["--phantom_subjects", "14", "--phantom_image_size", "[320, 224]", "--labeled_fraction", "0.3"]
+
+
+def bundle(*args, check=True):
+    cmd = [sys.executable, "-m", "monai.bundle", *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+def test_top_level_metadata_is_the_configs_file():
+    top = ROOT / "metadata.json"
+    assert top.resolve() == (ROOT / "configs" / "metadata.json").resolve() or top.read_bytes() == (
+        ROOT / "configs" / "metadata.json"
+    ).read_bytes()
+
+
+@pytest.mark.skipif(not SCHEMA.exists(), reason="../shared/monai/meta_schema_20240725.json not present")
+def test_metadata_matches_the_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
+    assert set(meta["network_data_format"]["inputs"]) == {"image"}
+    assert set(meta["network_data_format"]["outputs"]) == {"pred"}
+    out = bundle("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA))
+    assert "verified with no error" in out.stdout + out.stderr
+
+
+def test_verify_net_in_out():
+    out = bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                 "--config_file", "configs/inference.json")
+    assert "verified with no error" in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_train_resume_evaluate_infer_export(tmp_path):
+    root = str(tmp_path)
+    # 1. train from nothing: the phantom is generated, 4 iterations, validation every 2
+    out = bundle("run", "--config_file", "configs/train.json", "--bundle_root", root, *TINY,
+                 "--total_iterations", "4", "--val_interval", "2")
+    log = out.stdout + out.stderr
+    assert "val_mean_dice" in log and "val_hd95_px" in log and "val_asd_px" in log
+    assert (tmp_path / "data" / "phantom" / "training_set_pixel_size_and_HC.csv").exists()
+    model = tmp_path / "models" / "model.pt"
+    net = UNeXt(3, 2)
+    net.load_state_dict(torch.load(model, weights_only=True))  # a plain state_dict of the deployed UNeXt
+    resume = sorted((tmp_path / "eval" / "checkpoints").glob("resume_*.pt"))
+    assert len(resume) == 1
+    state = torch.load(resume[0], weights_only=True)
+    assert {"unext", "swin_unet", "teacher", "optimizer_a", "optimizer_b", "trainer"} <= set(state)
+    assert state["trainer"]["iteration"] == 4
+
+    # 2. resume to 6 iterations: the run starts at iteration 5
+    out = bundle("run", "--config_file", "configs/train.json", "--bundle_root", root, *TINY,
+                 "--total_iterations", "6", "--val_interval", "2", "--resume", "true")
+    log = out.stdout + out.stderr
+    assert "resuming from" in log and "Epoch: 3/3" in log and "Epoch: 1/3" not in log
+
+    # 3. evaluate the test list at the original geometry, in pixels and mm
+    bundle("run", "--config_file", "['configs/train.json','configs/evaluate.json']", "--bundle_root", root, *TINY)
+    datalist = json.loads((tmp_path / "data" / "prepared" / "datalist.json").read_text())
+    with open(tmp_path / "eval" / "test" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(datalist["test"]) > 0
+    for row in rows:
+        assert 0.0 <= float(row["dice"]) <= 1.0 and float(row["hd95_mm"]) >= 0.0
+    summary = json.loads((tmp_path / "eval" / "test" / "metrics.json").read_text())
+    assert summary["n_images"] == len(rows)
+
+    # 4. inference on a folder: a non-square grey PNG and an RGB JPEG; masks at each input's own size
+    images = tmp_path / "in"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (150, 260), dtype=np.uint8)).save(images / "scan_a.png")
+    Image.fromarray(rng.integers(0, 255, (120, 90, 3), dtype=np.uint8)).save(images / "scan_b.jpg")
+    out_dir = tmp_path / "pred"
+    bundle("run", "--config_file", "configs/inference.json", "--bundle_root", root,
+           "--input_dir", str(images), "--output_dir", str(out_dir))
+    for stem, size in (("scan_a", (260, 150)), ("scan_b", (90, 120))):
+        mask = Image.open(out_dir / f"{stem}_mask.png")
+        assert mask.size == size and set(np.unique(np.asarray(mask))) <= {0, 1}
+        assert Image.open(out_dir / f"{stem}_overlay.png").size == size
+
+    # 5. TorchScript export of the trained UNeXt matches eager
+    ts = tmp_path / "models" / "model.ts"
+    bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(model),
+           "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--use_trace", "true",
+           "--input_shape", "[1, 3, 224, 224]")
+    x = torch.rand(1, 3, 224, 224)
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(ts))(x), net(x), atol=1e-4)

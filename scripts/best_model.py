@@ -14,21 +14,16 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.handlers import write_atomic
+
 __all__ = ["BestModelPublisher", "atomic_torch_save"]
 
 logger = logging.getLogger(__name__)
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save through :func:`write_atomic`: readers never see a partial file."""
+    write_atomic(path, lambda f: torch.save(obj, f), binary=True)
 
 
 class BestModelPublisher:
@@ -105,10 +100,8 @@ class BestModelPublisher:
                 f"this run's best model is at {self.best_path}"
             )
             return
-        self.model_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.model_path.with_name(f".{self.model_path.name}.tmp{os.getpid()}")
-        shutil.copyfile(self.best_path, tmp)
-        os.replace(tmp, self.model_path)
+        with open(self.best_path, "rb") as src:
+            write_atomic(self.model_path, lambda f: shutil.copyfileobj(src, f), binary=True)
         logger.info(
             f"published {self.model_path} ({name} {self.best_metric:.4f} at iteration {self.best_iteration}"
             + (f"; replaced a model scoring {existing:.4f})" if existing is not None else ")")

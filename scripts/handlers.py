@@ -19,7 +19,7 @@ from monai.networks.utils import one_hot
 
 from scripts.metrics import pixel_size_pair, segmentation_metrics
 
-__all__ = ["MetricsWriter", "write_atomic"]
+__all__ = ["MetricsWriter", "TrainingCurves", "write_atomic"]
 
 logger = logging.getLogger(__name__)
 
@@ -260,3 +260,71 @@ class MetricsWriter:
             ax.set_xticks([])
         fig.suptitle(f"{summary['n_images']} images, {summary['n_empty_predictions']} empty predictions")
         fig.savefig(f, format="png", dpi=100)
+
+
+class TrainingCurves:
+    """Record the loss terms of every training iteration and the metrics of every validation, and draw them.
+
+    Writes ``<output_dir>/training_curves.png`` (loss terms and validation metrics against the iteration) and
+    ``<output_dir>/validation.csv`` after every validation, so a long run can be watched while it goes.
+    ``attach(trainer, evaluator)`` is called from the config's ``run`` list (the two engines reference each other).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, output_transform: Callable[[Any], dict] | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.output_transform = output_transform
+        self.losses: dict[str, list[tuple[int, float]]] = {}
+        self.validation: list[dict[str, float]] = []
+
+    def attach(self, trainer: Engine, evaluator: Engine) -> None:
+        self.trainer = trainer
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._record_iteration)
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._record_validation)
+
+    def _record_iteration(self, engine: Engine) -> None:
+        output = engine.state.output
+        terms = self.output_transform(output) if self.output_transform else output
+        for key, value in terms.items():
+            if not key.startswith("w_") and key != "lr":
+                self.losses.setdefault(key, []).append((engine.state.iteration, float(value)))
+
+    def _record_validation(self, engine: Engine) -> None:
+        row = {"iteration": self.trainer.state.iteration}
+        row.update({k: float(v) for k, v in engine.state.metrics.items() if np.isscalar(v) or torch.is_tensor(v)})
+        self.validation.append(row)
+        self.write()
+
+    def write(self) -> None:
+        if self.validation:
+            fields = list(self.validation[0])
+
+            def write_csv(f):
+                writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(self.validation)
+
+            write_atomic(self.output_dir / "validation.csv", write_csv)
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(11, 4), dpi=100)
+        ax_loss, ax_val = fig.subplots(1, 2)
+        for key, points in sorted(self.losses.items()):
+            it, val = np.array(points).T
+            window = max(1, len(val) // 50)
+            smooth = np.convolve(val, np.ones(window) / window, mode="valid")
+            ax_loss.plot(it[window - 1 :], smooth, label=key, lw=1.2)
+        ax_loss.set(xlabel="iteration", ylabel="loss (moving average)", title="training loss terms", yscale="log")
+        ax_loss.legend(fontsize=7, ncol=2)
+        its = [r["iteration"] for r in self.validation]
+        ax_dist = ax_val.twinx()  # Dice on the left axis, distances in pixels on the right
+        keys = [k for k in (self.validation[0] if self.validation else {}) if k != "iteration"]
+        for colour, key in enumerate(keys):
+            axis, style = (ax_val, "-") if "dice" in key else (ax_dist, "--")
+            axis.plot(its, [r[key] for r in self.validation], style, color=f"C{colour}", marker="o", ms=3, label=key)
+        ax_val.set(xlabel="iteration", ylabel="Dice", title="validation (deployed UNeXt)", ylim=(0, 1))
+        ax_dist.set_ylabel("distance (px)")
+        handles, labels = (sum(pair, []) for pair in zip(*(a.get_legend_handles_labels() for a in (ax_val, ax_dist))))
+        if handles:
+            ax_val.legend(handles, labels, fontsize=7, loc="center right")
+        fig.tight_layout()
+        write_atomic(self.output_dir / "training_curves.png", lambda f: fig.savefig(f, format="png"), binary=True)

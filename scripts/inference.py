@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import torch
 from ignite.engine import Engine, Events
 from PIL import Image
 from scipy import ndimage
+
+from scripts.handlers import write_atomic
 
 __all__ = ["list_images", "overlay_rgb", "OverlayWriter"]
 
@@ -92,7 +93,5 @@ class OverlayWriter:
                 if stem.lower().endswith(suffix):
                     stem = stem[: -len(suffix)]
                     break
-            path = self.output_dir / f"{stem}_overlay.png"
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            Image.fromarray(overlay_rgb(image, out[self.pred_key], self.alpha)).save(tmp, format="PNG")
-            os.replace(tmp, path)
+            picture = Image.fromarray(overlay_rgb(image, out[self.pred_key], self.alpha))
+            write_atomic(self.output_dir / f"{stem}_overlay.png", lambda f: picture.save(f, format="PNG"), binary=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-__all__ = ["check_training_settings", "find_resume_checkpoint", "require_file"]
+__all__ = ["bf16_autocast_supported", "check_training_settings", "find_resume_checkpoint", "require_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +82,13 @@ def require_file(path: str, what: str) -> str:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} not found: {what}")
     return path
+
+
+def bf16_autocast_supported(device) -> bool:
+    """True where bf16 autocast runs natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX (oneDNN)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -70,7 +70,7 @@ def test_train_resume_evaluate_infer_export(tmp_path):
 
     # 2. resume to 6 iterations: the run starts at iteration 5
     out = bundle("run", "--config_file", "configs/train.json", "--bundle_root", root, *TINY,
-                 "--total_iterations", "6", "--val_interval", "2", "--resume", "true")
+                 "--total_iterations", "6", "--val_interval", "2", "--resume", "True")
     log = out.stdout + out.stderr
     assert "resuming from" in log and "Epoch: 3/3" in log and "Epoch: 1/3" not in log
 

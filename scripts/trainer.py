@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine
 from monai.engines import Trainer
+from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch.utils.data import DataLoader, DistributedSampler
@@ -135,6 +136,8 @@ class DualNetworkTrainer(Trainer):
             amp=amp,
             decollate=False,
         )
+        if not isinstance(amp, bool):
+            raise ValueError(f"amp must be True or False, got {amp!r} (on the command line: --amp True)")
         if (network_b is None) != (optimizer_b is None):
             raise ValueError("network_b and optimizer_b must be given together")
         weights = {"cps_weight": cps_weight, "ict_weight": ict_weight, "divergence_weight": divergence_weight}
@@ -166,7 +169,13 @@ class DualNetworkTrainer(Trainer):
             self._ema_pairs = (list(self.teacher_b.parameters()), list(network_b.parameters()))
         self._prepare = prepare_batch
 
-    # ----------------------------------------------------------------------------------------------------------------
+    def run(self) -> None:  # type: ignore[override]
+        """Run (or continue) training. bf16 autocast needs no gradient scaler, so MONAI's CUDA scaler is not made."""
+        if self.amp and self.amp_dtype != torch.bfloat16:
+            raise ValueError(f"amp_dtype {self.amp_dtype} is not supported: use torch.bfloat16")
+        self.scaler = None
+        Workflow.run(self)
+
     def unsupervised_weights(self, iteration: int) -> dict[str, float]:
         """The ramped weights (w_cps, w_ict, w_div) at 0-based iteration t."""
         total = self.rampup_iterations or self.state.max_epochs * self.state.epoch_length

@@ -108,3 +108,12 @@ def test_train_resume_evaluate_infer_export(tmp_path):
     net.eval()
     with torch.no_grad():
         assert torch.allclose(torch.jit.load(str(ts))(x), net(x), atol=1e-4)
+
+
+def test_missing_dataset_dir_is_one_clear_error(tmp_path):
+    missing = tmp_path / "HC18_typo"
+    out = bundle("run", "--config_file", "configs/train.json", "--bundle_root", str(tmp_path),
+                 "--dataset_dir", str(missing), check=False)
+    assert out.returncode != 0
+    assert f"dataset_dir does not exist: {missing}" in out.stderr
+    assert not missing.exists()  # no phantom is generated into a path the user typed

@@ -211,7 +211,9 @@ def prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, va
     prepared_dir = Path(prepared_dir).expanduser().resolve()
     if not dataset_dir.exists():
         if not generate_phantom_if_empty:
-            raise FileNotFoundError(f"dataset_dir does not exist: {dataset_dir}")
+            raise FileNotFoundError(
+                f"dataset_dir does not exist: {dataset_dir} (leave dataset_dir at its default to train on the phantom)"
+            )
         dataset_dir.mkdir(parents=True)
     elif not dataset_dir.is_dir():
         raise NotADirectoryError(f"dataset_dir is not a folder: {dataset_dir}")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -91,10 +92,12 @@ def test_train_resume_evaluate_infer_export(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (150, 260), dtype=np.uint8)).save(images / "scan_a.png")
     Image.fromarray(rng.integers(0, 255, (120, 90, 3), dtype=np.uint8)).save(images / "scan_b.jpg")
+    # NIfTI through MONAI's reader: array axes are (x, y), so the mask PNG is 100 wide and 70 high
+    nib.save(nib.Nifti1Image(rng.integers(0, 255, (100, 70)).astype(np.uint8), np.eye(4)), images / "scan_c.nii.gz")
     out_dir = tmp_path / "pred"
     bundle("run", "--config_file", "configs/inference.json", "--bundle_root", root,
            "--input_dir", str(images), "--output_dir", str(out_dir))
-    for stem, size in (("scan_a", (260, 150)), ("scan_b", (90, 120))):
+    for stem, size in (("scan_a", (260, 150)), ("scan_b", (90, 120)), ("scan_c", (100, 70))):
         mask = Image.open(out_dir / f"{stem}_mask.png")
         assert mask.size == size and set(np.unique(np.asarray(mask))) <= {0, 1}
         assert Image.open(out_dir / f"{stem}_overlay.png").size == size

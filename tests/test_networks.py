@@ -92,7 +92,7 @@ def test_swin_unet_single_channel_three_classes():
 
 
 def test_unext_rejects_bad_size_with_clear_message(unext):
-    with pytest.raises(ValueError, match=r"divisible by 32.*250x256"):
+    with pytest.raises(ValueError, match=r"multiples of 32.*250x256"):
         unext(torch.rand(1, 3, 250, 256))
 
 
@@ -244,7 +244,7 @@ def test_unext_torchscript_parity_other_batch_and_size(unext):
             expected = unext(x)
             assert _max_diff(traced(x), expected) <= TOL
             assert _max_diff(scripted(x), expected) <= TOL
-    with pytest.raises(Exception, match="divisible by 32"):  # the scripted model keeps the size check
+    with pytest.raises(Exception, match="multiples of 32"):  # the scripted model keeps the size check
         scripted(torch.rand(1, 3, 250, 256))
 
 

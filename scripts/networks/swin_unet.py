@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import check_image_batch, init_linear_and_norm
+
 __all__ = ["SwinUnet", "load_swin_pretrained", "DropPath", "WindowAttention", "SwinBlock", "PatchMerging",
            "PatchExpand", "FinalPatchExpandX4"]
 
@@ -424,29 +426,14 @@ class SwinUnet(nn.Module):
         """As the reference: trunc-normal(std .02) Linear weights and relative position bias tables, zero biases,
         unit LayerNorms; convolutions keep PyTorch's default."""
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, WindowAttention):
+            if not init_linear_and_norm(m) and isinstance(m, WindowAttention):
                 nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError for inputs this network cannot take (a user error, not an internal one)."""
-        if x.dim() != 4:
-            raise ValueError(f"SwinUnet expects a (B, C, H, W) tensor, got shape {list(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"SwinUnet was built for {self.in_channels} input channel(s), got {x.shape[1]}")
-        h, w, m = int(x.shape[2]), int(x.shape[3]), self.size_multiple
-        if h % m or w % m:
-            raise ValueError(
-                f"SwinUnet needs height and width that are multiples of {m} (the token grid of every stage, "
-                f"H/{self.patch_size} to H/{self.total_stride}, must be divisible by the window {self.window_size}), "
-                f"got {h}x{w}; resize or pad to e.g. {(h + m - 1) // m * m}x{(w + m - 1) // m * m}"
-            )
+        why = (f" (the token grid of every stage, H/{self.patch_size} to H/{self.total_stride}, must be divisible by "
+               f"the window {self.window_size})")
+        check_image_batch(x, "SwinUnet", self.in_channels, self.size_multiple, why)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Encoder: returns the normalised bottleneck and the input of every stage (the skips)."""

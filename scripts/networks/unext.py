@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import check_image_batch, init_linear_and_norm
 from .swin_unet import DropPath
 
 __all__ = ["UNeXt", "ShiftedMLP", "ShiftedBlock", "OverlapPatchEmbed", "DWConv", "shift_tokens", "max_pool_2x2"]
@@ -202,14 +203,9 @@ class UNeXt(nn.Module):
         tokenized = [self.patch_embed3, self.patch_embed4, self.block1, self.block2, self.dblock1, self.dblock2]
         for part in tokenized:
             for m in part.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-                elif isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
-                elif isinstance(m, nn.Conv2d):
+                if init_linear_and_norm(m):
+                    continue
+                if isinstance(m, nn.Conv2d):
                     fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
                     nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
                     if m.bias is not None:
@@ -217,16 +213,7 @@ class UNeXt(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError for inputs this network cannot take (a user error, not an internal one)."""
-        if x.dim() != 4:
-            raise ValueError(f"UNeXt expects a (B, C, H, W) tensor, got shape {list(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"UNeXt was built for {self.in_channels} input channel(s), got {x.shape[1]}")
-        h, w, m = int(x.shape[2]), int(x.shape[3]), self.size_multiple
-        if h % m or w % m:
-            raise ValueError(
-                f"UNeXt needs height and width divisible by {m}, got {h}x{w}"
-                f" (e.g. resize or pad to {(h + m - 1) // m * m}x{(w + m - 1) // m * m})"
-            )
+        check_image_batch(x, "UNeXt", self.in_channels, self.size_multiple)
 
     @staticmethod
     def _up(x: torch.Tensor) -> torch.Tensor:

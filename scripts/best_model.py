@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.handlers import write_atomic
+from scripts.files import write_atomic
 
 __all__ = ["BestModelPublisher", "atomic_torch_save"]
 

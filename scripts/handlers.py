@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -17,6 +16,7 @@ from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 from monai.networks.utils import one_hot
 
+from scripts.files import write_atomic
 from scripts.metrics import pixel_size_pair, segmentation_metrics
 
 __all__ = ["MetricsWriter", "TrainingCurves", "write_atomic"]
@@ -24,25 +24,6 @@ __all__ = ["MetricsWriter", "TrainingCurves", "write_atomic"]
 logger = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ("dice", "hd95_px", "asd_px", "hd95_mm", "asd_mm")
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file beside it, then ``os.replace`` it into place.
-
-    A failure while writing leaves any previous ``path`` untouched and removes the temporary file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": "", "encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _as_onehot(x: Any, num_classes: int, what: str, filename: str) -> torch.Tensor:

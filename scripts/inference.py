@@ -12,13 +12,12 @@ from ignite.engine import Engine, Events
 from PIL import Image
 from scipy import ndimage
 
-from scripts.handlers import write_atomic
+from scripts.files import IMAGE_SUFFIXES, image_stem, write_atomic
 
 __all__ = ["list_images", "overlay_rgb", "OverlayWriter"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
 # annotation and output files that sit beside images in the supported layouts and are not inputs
 NOT_INPUTS = ("_Annotation.png", "_mask.png", "_overlay.png")
 # one colour per foreground class (RGB): green, magenta, cyan, yellow
@@ -88,10 +87,6 @@ class OverlayWriter:
         for out, item in zip(outputs, batch):
             image = item[self.image_key]
             source = str(getattr(image, "meta", {}).get("filename_or_obj", "image"))
-            stem = Path(source).name
-            for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-                if stem.lower().endswith(suffix):
-                    stem = stem[: -len(suffix)]
-                    break
+            stem = image_stem(source)
             picture = Image.fromarray(overlay_rgb(image, out[self.pred_key], self.alpha))
             write_atomic(self.output_dir / f"{stem}_overlay.png", lambda f: picture.save(f, format="PNG"), binary=True)

@@ -24,10 +24,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..files import IMAGE_SUFFIXES, write_atomic, write_json_atomic
 from .hc18 import TRAINING_CSV_NAME, TRAINING_DIR_NAME, IMAGE_PATTERN, find_training_csv, list_hc18, load_hc18_mask
 from .phantom import PHANTOM_MARKER_NAME, generate_phantom
 
-__all__ = ["DATALIST_VERSION", "split_subjects", "write_json_atomic", "find_hc18_training_dir", "prepare_dataset"]
+__all__ = ["DATALIST_VERSION", "split_subjects", "find_hc18_training_dir", "prepare_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ DATALIST_VERSION = 1
 DATALIST_NAME = "datalist.json"
 LABELS_DIR_NAME = "labels"
 SPLIT_KEYS = ("labeled", "unlabeled", "validation", "test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".mha", ".mhd", ".nii", ".nii.gz", ".nrrd", ".dcm")
 
 
 def _round_half_up(value: float) -> int:
@@ -84,17 +84,6 @@ def split_subjects(items, labeled_fraction=0.05, val_fraction=0.1, test_fraction
     return {key: [item for item in items if str(item["subject"]) in groups[key]] for key in SPLIT_KEYS}
 
 
-def write_json_atomic(path, data) -> None:
-    """Write JSON through a temporary file and os.replace, so readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def find_hc18_training_dir(dataset_dir) -> Path | None:
     """HC18 training folder of `dataset_dir`: its `training_set/`, or itself when it holds NNN_HC.png and the CSV."""
     dataset_dir = Path(dataset_dir)
@@ -137,9 +126,7 @@ def _write_mask(annotation: Path, mask_path: Path) -> None:
     if mask_path.is_file() and mask_path.stat().st_mtime_ns >= annotation.stat().st_mtime_ns:
         return
     mask = load_hc18_mask(annotation)
-    tmp = mask_path.with_name(f".{mask_path.name}.{os.getpid()}.tmp")
-    Image.fromarray(mask).save(tmp, format="PNG")
-    os.replace(tmp, mask_path)
+    write_atomic(mask_path, lambda f: Image.fromarray(mask).save(f, format="PNG"), binary=True)
 
 
 def _prepare_hc18(training_dir: Path, dataset_dir: Path, prepared_dir: Path, params: dict, progress: bool) -> str:

@@ -25,7 +25,6 @@ import functools
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from PIL import Image
 from scipy import ndimage, special
 from tqdm import tqdm
 
+from ..files import write_atomic, write_json_atomic
 from .hc18 import TRAINING_CSV_HEADER, TRAINING_CSV_NAME, TRAINING_DIR_NAME, ellipse_circumference
 
 __all__ = [
@@ -489,21 +489,8 @@ def _render(seed: int, subject: int, scan: int, head: _Head, image_size):
     return image, outline, pose
 
 
-def _tmp_path(path: Path) -> Path:
-    """A per-process temporary name beside `path` (ranks of a distributed run may write the same file)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def _save_png_atomic(array: np.ndarray, path: Path) -> None:
-    tmp = _tmp_path(path)
-    Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: Image.fromarray(array).save(f, format="PNG", compress_level=1), binary=True)
 
 
 def generate_phantom(dataset_dir, num_subjects=200, repeat_fraction=0.2, image_size=(800, 540), seed=0,
@@ -548,7 +535,7 @@ def generate_phantom(dataset_dir, num_subjects=200, repeat_fraction=0.2, image_s
     training_dir.mkdir(parents=True, exist_ok=True)
     marker = {"generator": "scripts.data.phantom", "version": PHANTOM_VERSION, "params": params,
               "complete": False, "images": names}
-    _write_text_atomic(json.dumps(marker, indent=2), marker_path)
+    write_json_atomic(marker_path, marker)
 
     rows = []
     for (subject, scan, head), name in zip(tqdm(plan, desc="phantom", unit="image", disable=not progress), names):
@@ -562,13 +549,14 @@ def generate_phantom(dataset_dir, num_subjects=200, repeat_fraction=0.2, image_s
                     _save_png_atomic(array, path)
         rows.append((f"{name}.png", f"{pose.pixel_size_mm:.9f}", f"{pose.hc_mm:.2f}"))
 
-    with open(_tmp_path(csv_path), "w", newline="") as handle:
+    def write_csv(handle):
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(TRAINING_CSV_HEADER)
         writer.writerows(rows)
-    os.replace(_tmp_path(csv_path), csv_path)
+
+    write_atomic(csv_path, write_csv)
     marker["complete"] = True
-    _write_text_atomic(json.dumps(marker, indent=2), marker_path)
+    write_json_atomic(marker_path, marker)
     logger.info("phantom: %d subjects, %d images in %s", num_subjects, len(names), training_dir)
     return training_dir
 

@@ -120,3 +120,23 @@ def test_missing_dataset_dir_is_one_clear_error(tmp_path):
     assert out.returncode != 0
     assert f"dataset_dir does not exist: {missing}" in out.stderr
     assert not missing.exists()  # no phantom is generated into a path the user typed
+
+
+def test_paper_recipe_override_resolves(tmp_path):
+    """The paper's recipe is one override file: 448 px, 5 % labels, 400 x labelled iterations, batch 1 + 4."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "train.json"), str(ROOT / "configs" / "paper_recipe.json")])
+    parser.update({"bundle_root": str(tmp_path), "phantom_subjects": 30, "phantom_image_size": [320, 224]})
+    parser.get_parsed_content("imports")
+    labeled = len(parser.get_parsed_content("datalist")["labeled"])
+    assert parser.get_parsed_content("spatial_size") == [448, 448]
+    assert parser.get_parsed_content("total_iterations") == 400 * labeled
+    assert parser.get_parsed_content("max_epochs") * parser.get_parsed_content("val_interval") == 400 * labeled
+    assert parser.get_parsed_content("labeled_batch_size") == 1 and parser.get_parsed_content("unlabeled_batch_size") == 4
+    assert parser.get_parsed_content("learning_rate") == 0.001 and parser.get_parsed_content("amp") is False
+    assert parser.get_parsed_content("best_model_after_iteration") == 200 * labeled
+    # the ramp-up spans the whole run, as in the authors' schedule: r * L = 400 * labelled / batch
+    assert parser.get_parsed_content("rampup_iterations") == 400 * labeled
+    assert parser.get_parsed_content("settings_check") is True

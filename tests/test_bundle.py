@@ -66,7 +66,7 @@ def test_train_resume_evaluate_infer_export(tmp_path):
     resume = sorted((tmp_path / "eval" / "checkpoints").glob("resume_*.pt"))
     assert len(resume) == 1
     state = torch.load(resume[0], weights_only=True)
-    assert {"unext", "swin_unet", "teacher", "optimizer_a", "optimizer_b", "trainer"} <= set(state)
+    assert {"unext", "network_b", "teacher", "optimizer_a", "optimizer_b", "trainer"} <= set(state)
     assert state["trainer"]["iteration"] == 4
 
     # 2. resume to 6 iterations: the run starts at iteration 5

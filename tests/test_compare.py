@@ -1,0 +1,57 @@
+"""The comparison runner: mean ± std over seeds, and a re-run that skips finished runs."""
+
+import csv
+import statistics
+
+import numpy as np
+import pytest
+
+from scripts.compare import mean_std, run_all, summarise, write_table
+
+
+def fake_runner(calls):
+    def runner(run_dir, method, fraction, seed, dataset_dir, overrides):
+        calls.append((method, fraction, seed))
+        dice = {"supervised": 0.6, "full": 0.7}[method] + 0.01 * seed + fraction
+        return {"mean": {"dice": dice, "hd95_mm": 10.0 - seed, "asd_mm": 2.0, "hd95_px": 40.0, "asd_px": 8.0 + seed},
+                "n_images": 5, "n_empty_predictions": 0, "wall_s": 1.0}
+
+    return runner
+
+
+def test_mean_std_is_sample_std():
+    values = [0.81, 0.86, 0.79, 0.90]
+    mean, std = mean_std(values)
+    assert mean == pytest.approx(np.mean(values))
+    assert std == pytest.approx(np.std(values, ddof=1))
+    assert mean_std([0.5]) == (0.5, 0.0)
+
+
+def test_table_rows_and_files(tmp_path):
+    calls = []
+    results = run_all(str(tmp_path), ["supervised", "full"], [0.05, 0.1], [0, 1, 2], runner=fake_runner(calls))
+    rows = summarise(results)
+    assert len(rows) == 4 and all(r["seeds"] == 3 for r in rows)
+    full10 = next(r for r in rows if r["method"] == "full" and r["fraction"] == 0.1)
+    expected = [0.7 + 0.01 * s + 0.1 for s in range(3)]
+    assert full10["dice_mean"] == pytest.approx(statistics.mean(expected))
+    assert full10["dice_std"] == pytest.approx(np.std(expected, ddof=1))
+    assert full10["hd95_mm_std"] == pytest.approx(1.0)
+    write_table(rows, tmp_path)
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert float(table[0]["dice_mean"]) == pytest.approx(rows[0]["dice_mean"])
+    md = (tmp_path / "results.md").read_text()
+    assert f"| full | 10% | 3 | {statistics.mean(expected):.3f} ± {np.std(expected, ddof=1):.3f} |" in md
+
+
+def test_rerun_skips_finished_runs(tmp_path):
+    calls = []
+    run_all(str(tmp_path), ["supervised"], [0.05], [0, 1], runner=fake_runner(calls))
+    assert len(calls) == 2
+    (tmp_path / "supervised__frac0.05__seed1" / "result.json").unlink()  # as if seed 1 had been interrupted
+    results = run_all(str(tmp_path), ["supervised", "full"], [0.05], [0, 1], runner=fake_runner(calls))
+    assert calls[2:] == [("supervised", 0.05, 1), ("full", 0.05, 0), ("full", 0.05, 1)]
+    assert len(results) == 4
+    run_all(str(tmp_path), ["supervised", "full"], [0.05], [0, 1], runner=fake_runner(calls))
+    assert len(calls) == 5  # nothing recomputed

@@ -6,7 +6,8 @@
 
 Each (method, fraction, seed) trains with ``configs/train.json`` + ``configs/methods/<method>.json`` in its own
 folder, then ``evaluate.json`` scores its UNeXt on the test list of that fraction and seed. A run whose
-``result.json`` exists is not recomputed, so an interrupted comparison resumes where it stopped. The table
+``result.json`` exists is not recomputed, so an interrupted comparison resumes where it stopped. The
+fully supervised upper bound does not depend on the fraction: it runs once per seed and is reported as 100 %. The table
 (``results.csv``, ``results.md``) gives mean ± sample standard deviation over seeds; ``dice_by_method.png`` and
 ``validation_dice.png`` draw the results.
 """
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("dice", "hd95_mm", "asd_mm", "hd95_px", "asd_px")
+FULLY_SUPERVISED = "fully_supervised"
 
 
 def run_name(method: str, fraction: float, seed: int) -> str:
@@ -58,8 +60,7 @@ def train_and_evaluate(run_dir: Path, method: str, fraction: float, seed: int, d
     configs = BUNDLE_ROOT / "configs"
     common = {"bundle_root": str(run_dir), "dataset_dir": dataset_dir, "seed": seed,
               "prepared_dir": str(run_dir.parent / f"prepared_frac{fraction:g}_seed{seed}"), **overrides}
-    if method != "fully_supervised":
-        common["labeled_fraction"] = fraction
+    common["labeled_fraction"] = fraction
     start = time.perf_counter()
     _bundle([configs / "train.json", configs / "methods" / f"{method}.json"], common, run_dir / "log.txt")
     _bundle([configs / "train.json", configs / "methods" / f"{method}.json", configs / "evaluate.json"], common,
@@ -79,7 +80,9 @@ def run_all(output_dir: str, methods: Sequence[str], fractions: Sequence[float],
     if "dataset_dir" not in overrides and dataset_dir == str(out / "data" / "phantom"):
         overrides["generate_phantom_if_empty"] = True
     results = []
-    jobs = [(m, f, s) for f in fractions for m in methods for s in seeds]
+    # the upper bound uses every label whatever the fraction: one run per seed, reported as 100 %
+    jobs = list(dict.fromkeys((m, 1.0 if m == FULLY_SUPERVISED else f, s) for f in fractions for m in methods
+                              for s in seeds))
     for i, (method, fraction, seed) in enumerate(jobs, 1):
         run_dir = out / run_name(method, fraction, seed)
         result_file = run_dir / "result.json"

@@ -12,7 +12,7 @@ from scripts.compare import mean_std, run_all, summarise, write_table
 def fake_runner(calls):
     def runner(run_dir, method, fraction, seed, dataset_dir, overrides):
         calls.append((method, fraction, seed))
-        dice = {"supervised": 0.6, "full": 0.7}[method] + 0.01 * seed + fraction
+        dice = {"supervised": 0.6, "full": 0.7, "fully_supervised": 0.0}[method] + 0.01 * seed + fraction
         return {"mean": {"dice": dice, "hd95_mm": 10.0 - seed, "asd_mm": 2.0, "hd95_px": 40.0, "asd_px": 8.0 + seed},
                 "n_images": 5, "n_empty_predictions": 0, "wall_s": 1.0}
 
@@ -55,3 +55,13 @@ def test_rerun_skips_finished_runs(tmp_path):
     assert len(results) == 4
     run_all(str(tmp_path), ["supervised", "full"], [0.05], [0, 1], runner=fake_runner(calls))
     assert len(calls) == 5  # nothing recomputed
+
+
+def test_upper_bound_runs_once_per_seed(tmp_path):
+    calls = []
+    results = run_all(str(tmp_path), ["supervised", "fully_supervised"], [0.05, 0.1], [0, 1], runner=fake_runner(calls))
+    assert sorted(c for c in calls if c[0] == "fully_supervised") == [("fully_supervised", 1.0, 0), ("fully_supervised", 1.0, 1)]
+    assert len(calls) == 6 and len(results) == 6
+    rows = summarise(results)
+    assert [(r["method"], r["fraction"]) for r in rows] == [
+        ("supervised", 0.05), ("supervised", 0.1), ("fully_supervised", 1.0)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +14,6 @@ from scipy import ndimage
 from scripts.files import IMAGE_SUFFIXES, image_stem, write_atomic
 
 __all__ = ["list_images", "overlay_rgb", "OverlayWriter"]
-
-logger = logging.getLogger(__name__)
 
 # annotation and output files that sit beside images in the supported layouts and are not inputs
 NOT_INPUTS = ("_Annotation.png", "_mask.png", "_overlay.png")

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
 
 __all__ = ["bf16_autocast_supported", "check_training_settings", "find_resume_checkpoint", "require_file"]
 
@@ -64,8 +67,6 @@ def check_training_settings(
 
 def find_resume_checkpoint(checkpoint_dir: str) -> str:
     """The newest ``resume_*.pt`` in ``checkpoint_dir``; a clear error when there is none to resume from."""
-    from pathlib import Path
-
     found = sorted(Path(checkpoint_dir).glob("resume_*.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(
@@ -77,8 +78,6 @@ def find_resume_checkpoint(checkpoint_dir: str) -> str:
 
 def require_file(path: str, what: str) -> str:
     """Fail with the path and what the file is for when it does not exist."""
-    from pathlib import Path
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} not found: {what}")
     return path
@@ -86,8 +85,6 @@ def require_file(path: str, what: str) -> str:
 
 def bf16_autocast_supported(device) -> bool:
     """True where bf16 autocast runs natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX (oneDNN)."""
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

@@ -8,7 +8,7 @@ networks (CPS only) and supervised-only training (``network_b=None`` or all unsu
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -99,7 +99,8 @@ class DualNetworkTrainer(Trainer):
             defaults to the whole run, as the paper's schedule does.
         ict_warmup_iterations: iterations before ICT starts (1000 in the paper). ict_alpha: Beta(a, a) mixing.
         ema_max_alpha: the cap on the EMA decay (0.99).
-        amp_dtype: autocast dtype when ``amp`` is True (bfloat16 works on CPU and GPU).
+        amp: bf16 autocast of the forward passes (no gradient scaler needed; native on AVX512-BF16/AMX CPUs and
+            recent GPUs); losses are computed in fp32.
     """
 
     def __init__(
@@ -123,8 +124,6 @@ class DualNetworkTrainer(Trainer):
         non_blocking: bool = False,
         train_handlers: Sequence | None = None,
         amp: bool = False,
-        amp_dtype: torch.dtype | str = torch.bfloat16,
-        prepare_batch: Callable | None = None,
     ) -> None:
         super().__init__(
             device=device,
@@ -153,7 +152,6 @@ class DualNetworkTrainer(Trainer):
         self.rampup_iterations = rampup_iterations
         self.ict_warmup_iterations = ict_warmup_iterations
         self.ema_max_alpha = ema_max_alpha
-        self.amp_dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
 
         self.supervised_loss = SupervisedLoss()
         self.cps_loss = CrossPseudoSupervisionLoss()
@@ -167,12 +165,9 @@ class DualNetworkTrainer(Trainer):
                 p.requires_grad_(False)
             # parameter lists for one fused EMA update per iteration
             self._ema_pairs = (list(self.teacher_b.parameters()), list(network_b.parameters()))
-        self._prepare = prepare_batch
 
     def run(self) -> None:  # type: ignore[override]
         """Run (or continue) training. bf16 autocast needs no gradient scaler, so MONAI's CUDA scaler is not made."""
-        if self.amp and self.amp_dtype != torch.bfloat16:
-            raise ValueError(f"amp_dtype {self.amp_dtype} is not supported: use torch.bfloat16")
         self.scaler = None
         Workflow.run(self)
 
@@ -195,8 +190,6 @@ class DualNetworkTrainer(Trainer):
     def _iteration(self, engine: DualNetworkTrainer, batchdata: dict[str, Any]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        if self._prepare is not None:
-            batchdata = self._prepare(batchdata)
         labeled, unlabeled = batchdata["labeled"], batchdata.get("unlabeled")
         x_l, y = self._to_device(labeled, Keys.IMAGE), self._to_device(labeled, Keys.LABEL)
         x_u = self._to_device(unlabeled, Keys.IMAGE) if unlabeled is not None else None
@@ -215,7 +208,7 @@ class DualNetworkTrainer(Trainer):
         if b is not None:
             b.train()
         device_type = torch.device(engine.state.device).type
-        with torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp):
             if use_ict:
                 mixed, lam = self.ict_loss.mix(x_u)
                 with torch.no_grad():

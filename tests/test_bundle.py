@@ -140,3 +140,13 @@ def test_paper_recipe_override_resolves(tmp_path):
     # the ramp-up spans the whole run, as in the authors' schedule: r * L = 400 * labelled / batch
     assert parser.get_parsed_content("rampup_iterations") == 400 * labeled
     assert parser.get_parsed_content("settings_check") is True
+
+
+def test_inference_without_a_trained_model_is_one_clear_error(tmp_path):
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(images / "scan.png")
+    out = bundle("run", "--config_file", "configs/inference.json", "--bundle_root", str(tmp_path),
+                 "--input_dir", str(images), check=False)
+    assert out.returncode != 0
+    assert f"{tmp_path}/models/model.pt not found: the trained model" in out.stderr

@@ -2,7 +2,8 @@
 
 One trainer serves every method through its loss weights: the full method (CPS + ICT + information divergence),
 its ablations (a weight of 0 switches a term off and skips its computation), cross teaching between the two
-networks (CPS only) and supervised-only training (``network_b=None`` or all unsupervised weights 0).
+networks (CPS only), supervised-only training (``network_b=None`` or all unsupervised weights 0), and the
+single-network baselines Mean Teacher and ICT on the UNeXt (``teacher_of="a"``, ``network_b=None``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from scripts.losses import (
 __all__ = ["SemiSupervisedLoader", "DualNetworkTrainer", "TrainingProgressBar", "loss_terms"]
 
 # keys of engine.state.output besides MONAI's image/label/pred/loss
-LOSS_TERMS = ("sup_a", "sup_b", "cps_a", "cps_b", "ict", "kl", "mig", "divergence", "w_cps", "w_ict", "w_div", "lr")
+LOSS_TERMS = ("sup_a", "sup_b", "cps_a", "cps_b", "ict", "mt", "kl", "mig", "divergence", "w_cps", "w_ict", "w_mt", "w_div",
+              "lr")
 
 
 class SemiSupervisedLoader:
@@ -86,7 +88,12 @@ class DualNetworkTrainer(Trainer):
     every w ramped up by ``w(t) = W exp(-5 (1 - min(t // r, L) / L)^2)``; ICT is 0 for the first
     ``ict_warmup_iterations``. A runs once on x; B runs once on cat(x, ICT mix); the teacher (eval mode, no grad)
     runs once on x_u. One backward of the summed loss, both optimisers step, then
-    teacher = alpha teacher + (1 - alpha) B with alpha = min(1 - 1 / (t + 1), ema_max_alpha).
+    teacher = alpha teacher + (1 - alpha) S with alpha = min(1 - 1 / (t + 1), ema_max_alpha), S the student.
+
+    The EMA teacher belongs to the student ``teacher_of`` ("b", the Swin-Unet, in the paper's method; "a" for the
+    single-UNeXt baselines). Its consistency terms: ICT as above (the mix joins the student's one forward), and
+    Mean Teacher (Tarvainen & Valpola 2017, as in SSL4MIS): mt = mean[(p_S(x_u) - p_T(x_u + n))^2] with
+    n = clamp(N(0, 0.1^2), -0.2, 0.2), the student's p_S(x_u) taken from its forward on x.
 
     Args:
         device, max_epochs, train_data_loader, epoch_length, non_blocking, train_handlers, amp: as MONAI's Trainer;
@@ -94,7 +101,9 @@ class DualNetworkTrainer(Trainer):
             :class:`SemiSupervisedLoader`), so ``epoch_length`` is required.
         network_a, optimizer_a: the deployed CNN and its optimiser.
         network_b, optimizer_b: the second network and its optimiser; ``None`` trains A alone (supervised).
-        cps_weight, ict_weight, divergence_weight: W of each unsupervised term; 0 switches the term off.
+        cps_weight, ict_weight, divergence_weight, mt_weight: W of each unsupervised term; 0 switches the term off.
+            CPS and divergence need network B; ICT and Mean Teacher need the network named by ``teacher_of``.
+        teacher_of: "b" or "a": the student whose EMA teacher ICT and Mean Teacher use.
         rampup_length: L of the ramp-up (200). rampup_iterations: iterations the ramp spans (r = that // L);
             defaults to the whole run, as the paper's schedule does.
         ict_warmup_iterations: iterations before ICT starts (1000 in the paper). ict_alpha: Beta(a, a) mixing.
@@ -116,6 +125,8 @@ class DualNetworkTrainer(Trainer):
         cps_weight: float = 1.0,
         ict_weight: float = 1.0,
         divergence_weight: float = 1.0,
+        mt_weight: float = 0.0,
+        teacher_of: str = "b",
         rampup_length: int = 200,
         rampup_iterations: int | None = None,
         ict_warmup_iterations: int = 1000,
@@ -139,15 +150,21 @@ class DualNetworkTrainer(Trainer):
             raise ValueError(f"amp must be True or False, got {amp!r} (on the command line: --amp True)")
         if (network_b is None) != (optimizer_b is None):
             raise ValueError("network_b and optimizer_b must be given together")
-        weights = {"cps_weight": cps_weight, "ict_weight": ict_weight, "divergence_weight": divergence_weight}
+        if teacher_of not in ("a", "b"):
+            raise ValueError(f"teacher_of must be 'a' (the UNeXt) or 'b' (network B), got {teacher_of!r}")
+        weights = {"cps_weight": cps_weight, "ict_weight": ict_weight, "divergence_weight": divergence_weight,
+                   "mt_weight": mt_weight}
         for name, value in weights.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-            if network_b is None and value > 0:
-                raise ValueError(f"{name}={value} needs a second network: set network_b or set {name} to 0")
+        needs_b = ["cps_weight", "divergence_weight"] + (["ict_weight", "mt_weight"] if teacher_of == "b" else [])
+        for name in needs_b:
+            if network_b is None and weights[name] > 0:
+                raise ValueError(f"{name}={weights[name]} needs a second network: set network_b or set {name} to 0")
         self.network_a, self.optimizer_a = network_a, optimizer_a
         self.network_b, self.optimizer_b = network_b, optimizer_b
         self.cps_weight, self.ict_weight, self.divergence_weight = cps_weight, ict_weight, divergence_weight
+        self.mt_weight, self.teacher_of = mt_weight, teacher_of
         self.rampup_length = rampup_length
         self.rampup_iterations = rampup_iterations
         self.ict_warmup_iterations = ict_warmup_iterations
@@ -158,13 +175,15 @@ class DualNetworkTrainer(Trainer):
         self.ict_loss = InterpolationConsistencyLoss(alpha=ict_alpha)
         self.divergence_loss = InformationDivergenceLoss()
 
-        self.teacher_b: torch.nn.Module | None = None
-        if network_b is not None and ict_weight > 0:
-            self.teacher_b = copy.deepcopy(network_b).eval()
-            for p in self.teacher_b.parameters():
+        # the EMA teacher of the student, kept only when a consistency term uses it
+        self.teacher: torch.nn.Module | None = None
+        if ict_weight > 0 or mt_weight > 0:
+            student = network_a if teacher_of == "a" else network_b
+            self.teacher = copy.deepcopy(student).eval()
+            for p in self.teacher.parameters():
                 p.requires_grad_(False)
             # parameter lists for one fused EMA update per iteration
-            self._ema_pairs = (list(self.teacher_b.parameters()), list(network_b.parameters()))
+            self._ema_pairs = (list(self.teacher.parameters()), list(student.parameters()))
 
     def run(self) -> None:  # type: ignore[override]
         """Run (or continue) training. bf16 autocast needs no gradient scaler, so MONAI's CUDA scaler is not made."""
@@ -172,18 +191,19 @@ class DualNetworkTrainer(Trainer):
         Workflow.run(self)
 
     def unsupervised_weights(self, iteration: int) -> dict[str, float]:
-        """The ramped weights (w_cps, w_ict, w_div) at 0-based iteration t."""
+        """The ramped weights (w_cps, w_ict, w_mt, w_div) at 0-based iteration t."""
         total = self.rampup_iterations or self.state.max_epochs * self.state.epoch_length
         interval = max(1, int(total // max(1, self.rampup_length)))
         ramp = lambda w: sigmoid_rampup_weight(iteration, w, self.rampup_length, interval)  # noqa: E731
-        return {"w_cps": ramp(self.cps_weight), "w_ict": ramp(self.ict_weight), "w_div": ramp(self.divergence_weight)}
+        return {"w_cps": ramp(self.cps_weight), "w_ict": ramp(self.ict_weight), "w_mt": ramp(self.mt_weight),
+                "w_div": ramp(self.divergence_weight)}
 
     def _to_device(self, batch: dict, key: str) -> torch.Tensor:
         return batch[key].to(self.state.device, non_blocking=self.non_blocking)
 
     @torch.no_grad()
     def update_teacher(self, iteration: int) -> None:
-        """teacher = alpha teacher + (1 - alpha) B, alpha = min(1 - 1 / (t + 1), ema_max_alpha)."""
+        """teacher = alpha teacher + (1 - alpha) student, alpha = min(1 - 1 / (t + 1), ema_max_alpha)."""
         alpha = ema_alpha(iteration, self.ema_max_alpha)
         torch._foreach_lerp_(self._ema_pairs[0], self._ema_pairs[1], 1.0 - alpha)
 
@@ -196,12 +216,15 @@ class DualNetworkTrainer(Trainer):
         t = engine.state.iteration - 1
         n_l = x_l.shape[0]
         a, b = self.network_a, self.network_b
-        weights = self.unsupervised_weights(t) if b is not None else {}
-        use_unlabeled = b is not None and x_u is not None
-        use_cps = use_unlabeled and self.cps_weight > 0
-        use_ict = use_unlabeled and self.teacher_b is not None and t >= self.ict_warmup_iterations
+        has_teacher = self.teacher is not None and x_u is not None
+        use_cps = b is not None and x_u is not None and self.cps_weight > 0
+        use_ict = has_teacher and self.ict_weight > 0 and t >= self.ict_warmup_iterations
+        use_mt = has_teacher and self.mt_weight > 0
         use_div = b is not None and self.divergence_weight > 0
+        use_unlabeled = x_u is not None and (use_cps or use_div or has_teacher)
+        weights = self.unsupervised_weights(t) if use_unlabeled or use_div else {}
         x = torch.cat((x_l, x_u)) if use_unlabeled else x_l
+        n = x.shape[0]
 
         engine.state.output = out = {Keys.IMAGE: x_l, Keys.LABEL: y}
         a.train()
@@ -209,31 +232,49 @@ class DualNetworkTrainer(Trainer):
             b.train()
         device_type = torch.device(engine.state.device).type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp):
-            if use_ict:
-                mixed, lam = self.ict_loss.mix(x_u)
+            mixed = None
+            if use_ict or use_mt:
+                teacher_in = []
+                if use_ict:
+                    mixed, lam = self.ict_loss.mix(x_u)
+                    teacher_in.append(x_u)
+                if use_mt:
+                    teacher_in.append(x_u + torch.clamp(torch.randn_like(x_u) * 0.1, -0.2, 0.2))
                 with torch.no_grad():
-                    teacher_prob = torch.softmax(self.teacher_b(x_u).float(), dim=1)
-            logits_a = a(x).float()
-            logits_b = b(torch.cat((x, mixed)) if use_ict else x).float() if b is not None else None
+                    teacher_prob = torch.softmax(self.teacher(torch.cat(teacher_in)).float(), dim=1).split(x_u.shape[0])
+            # the ICT mix joins the student's one forward
+            mix_a, mix_b = (mixed, None) if self.teacher_of == "a" else (None, mixed)
+            logits_a = a(x if mix_a is None else torch.cat((x, mix_a))).float()
+            logits_b = b(x if mix_b is None else torch.cat((x, mix_b))).float() if b is not None else None
+        logits_s = logits_a if self.teacher_of == "a" else logits_b
+        logits_mixed = logits_s[n:] if use_ict else None
+        logits_a = logits_a[:n]
         out[Keys.PRED] = logits_a[:n_l].detach()
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
         loss = out["sup_a"] = self.supervised_loss(logits_a[:n_l], y)
+        # each softmax once, shared by every term that needs it
+        needs_prob = use_unlabeled or use_div
+        prob_a = torch.softmax(logits_a, dim=1) if needs_prob else None
+        prob_b = None
         if b is not None:
-            if use_ict:
-                logits_b, logits_b_mixed = logits_b[: x.shape[0]], logits_b[x.shape[0] :]
+            logits_b = logits_b[:n]
             out["sup_b"] = self.supervised_loss(logits_b[:n_l], y)
             loss = loss + out["sup_b"]
-            prob_a, prob_b = torch.softmax(logits_a, dim=1), torch.softmax(logits_b, dim=1)
+            prob_b = torch.softmax(logits_b, dim=1) if needs_prob else None
             if use_cps:
                 out["cps_a"], out["cps_b"] = self.cps_loss(prob_a[n_l:], prob_b[n_l:])
                 loss = loss + weights["w_cps"] * (out["cps_a"] + out["cps_b"])
-            if use_ict:
-                out["ict"] = self.ict_loss(torch.softmax(logits_b_mixed, dim=1), teacher_prob, lam)
-                loss = loss + weights["w_ict"] * out["ict"]
             if use_div:
                 out["divergence"], out["kl"], out["mig"] = self.divergence_loss(prob_a, prob_b)
                 loss = loss + weights["w_div"] * out["divergence"]
+        if use_ict:
+            out["ict"] = self.ict_loss(torch.softmax(logits_mixed, dim=1), teacher_prob[0], lam)
+            loss = loss + weights["w_ict"] * out["ict"]
+        if use_mt:
+            prob_s = prob_a if self.teacher_of == "a" else prob_b
+            out["mt"] = torch.mean((prob_s[n_l:] - teacher_prob[-1]) ** 2)
+            loss = loss + weights["w_mt"] * out["mt"]
         out[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
@@ -245,7 +286,7 @@ class DualNetworkTrainer(Trainer):
         self.optimizer_a.step()
         if self.optimizer_b is not None:
             self.optimizer_b.step()
-        if self.teacher_b is not None:
+        if self.teacher is not None:
             self.update_teacher(t)
 
         for k in LOSS_TERMS:

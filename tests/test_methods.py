@@ -21,6 +21,8 @@ EXPECTED = {
     "no_cps": (SwinUnet, {"sup_b", "ict", "divergence"}, {"cps_a"}),
     "cross_teaching": (SwinUnet, {"sup_b", "cps_a"}, {"ict", "divergence"}),
     "cps_two_unext": (UNeXt, {"sup_b", "cps_a"}, {"ict", "divergence"}),
+    "mean_teacher": (None, {"sup_a", "mt"}, {"sup_b", "cps_a", "ict", "divergence"}),
+    "ict_unext": (None, {"sup_a", "ict"}, {"sup_b", "cps_a", "mt", "divergence"}),
 }
 
 
@@ -63,7 +65,9 @@ def test_method_trains_two_iterations(method, phantom_dir):
         assert trainer.network_b is None
     else:
         assert type(trainer.network_b) is network_b_type
-    assert (trainer.teacher_b is not None) == ("ict" in computed)
+    assert (trainer.teacher is not None) == bool({"ict", "mt"} & computed)
+    if trainer.teacher is not None:  # the teacher is an EMA copy of its student's architecture
+        assert type(trainer.teacher) is (UNeXt if method in ("mean_teacher", "ict_unext") else SwinUnet)
     output = set(trainer.state.output)
     assert computed <= output and not (absent & output), (method, output)
     after = workflow.parser.get_parsed_content("network").state_dict()

@@ -41,7 +41,7 @@ def make_loaders(n_labeled=4, n_unlabeled=8, lb=1, ub=4, seed=0):
     )
 
 
-def make_trainer(iterations=3, net_b=True, max_epochs=1, **weights):
+def make_trainer(iterations=3, net_b=True, max_epochs=1, unlabeled=None, **weights):
     a, b = CountingNet(0), CountingNet(1) if net_b else None
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9) if net_b else None
@@ -50,7 +50,7 @@ def make_trainer(iterations=3, net_b=True, max_epochs=1, **weights):
         kwargs = {"cps_weight": 0.0, "ict_weight": 0.0, "divergence_weight": 0.0}
     kwargs.update(weights)
     trainer = DualNetworkTrainer(
-        device="cpu", max_epochs=max_epochs, epoch_length=iterations, train_data_loader=make_loaders(ub=4 if net_b else 0),
+        device="cpu", max_epochs=max_epochs, epoch_length=iterations, train_data_loader=make_loaders(ub=4 if (net_b if unlabeled is None else unlabeled) else 0),
         network_a=a, optimizer_a=opt_a, network_b=b, optimizer_b=opt_b, rampup_length=200, **kwargs,
     )
     return trainer, a, b
@@ -63,19 +63,19 @@ def params(net):
 def test_iterations_change_both_networks_and_the_teacher():
     torch.manual_seed(0)
     trainer, a, b = make_trainer(iterations=3)
-    before_a, before_b, before_t = params(a), params(b), params(trainer.teacher_b)
+    before_a, before_b, before_t = params(a), params(b), params(trainer.teacher)
     trainer.run()
     assert trainer.state.iteration == 3
-    for before, net in ((before_a, a), (before_b, b), (before_t, trainer.teacher_b)):
+    for before, net in ((before_a, a), (before_b, b), (before_t, trainer.teacher)):
         assert any(not torch.equal(p0, p1) for p0, p1 in zip(before, net.parameters()))
-    assert not trainer.teacher_b.training and all(not p.requires_grad for p in trainer.teacher_b.parameters())
+    assert not trainer.teacher.training and all(not p.requires_grad for p in trainer.teacher.parameters())
 
 
 def test_ema_update_follows_the_formula():
     torch.manual_seed(0)
     trainer, a, b = make_trainer(iterations=2)
     seen = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append((params(b), params(e.teacher_b))))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append((params(b), params(e.teacher))))
     trainer.run()
     (b1, t1), (b2, t2) = seen
     # t = 0: alpha = 0, the teacher becomes the student; t = 1: alpha = 0.5
@@ -89,7 +89,7 @@ def test_each_network_runs_once_per_distinct_input():
     torch.manual_seed(0)
     trainer, a, b = make_trainer(iterations=4, ict_warmup_iterations=2)
     teacher_calls = []
-    trainer.teacher_b.register_forward_hook(lambda m, i, o: teacher_calls.append(i[0].shape[0]))
+    trainer.teacher.register_forward_hook(lambda m, i, o: teacher_calls.append(i[0].shape[0]))
     trainer.run()
     assert a.calls == 4 and a.rows == 4 * 5  # labelled + unlabelled together
     # B: 5 rows, plus the 2 ICT mixes once ICT has started (iterations 3 and 4)
@@ -143,7 +143,7 @@ def test_zero_weights_remove_the_unsupervised_gradients():
     assert any(not torch.allclose(g0, g1) for g0, g1 in zip(grads["a"], grads_div["a"]))
     trainer_cps, _, _ = grads_after_one_iteration(cps_weight=1.0, ict_weight=0.0, divergence_weight=0.0)
     assert "cps_a" in trainer_cps.state.output and "divergence" not in trainer_cps.state.output
-    assert trainer_cps.teacher_b is None  # no ICT, no teacher kept
+    assert trainer_cps.teacher is None  # no ICT, no teacher kept
 
 
 def test_supervised_only_without_second_network():
@@ -157,10 +157,55 @@ def test_supervised_only_without_second_network():
         make_trainer(net_b=False, cps_weight=1.0)
 
 
+def capture_outputs(module, store):
+    module.register_forward_hook(lambda m, i, o: store.append((i[0].detach().clone(), o.detach().clone())))
+
+
+@pytest.mark.parametrize("term", ["mt", "ict"])
+def test_single_unext_with_its_own_ema_teacher(term):
+    """Mean Teacher and ICT on the UNeXt alone: the teacher is an EMA of A, and each term matches its formula."""
+    torch.manual_seed(0)
+    weights = {"mt_weight": 1.0, "ict_weight": 0.0} if term == "mt" else {"ict_weight": 1.0, "ict_warmup_iterations": 0}
+    trainer, a, _ = make_trainer(iterations=1, net_b=False, unlabeled=True, teacher_of="a", **weights)
+    assert type(trainer.teacher) is CountingNet and trainer.teacher is not a
+    student, teacher = [], []
+    capture_outputs(a, student)
+    capture_outputs(trainer.teacher, teacher)
+    trainer.run()
+    out = loss_terms(trainer.state.output)
+    (x, logits_a), = student
+    (x_t, logits_t), = teacher
+    x_u = x[1:5]
+    p_t = torch.softmax(logits_t, 1)
+    if term == "mt":
+        assert a.rows == 5 and x_t.shape[0] == 4  # A sees labelled + unlabelled once; the teacher a noisy x_u
+        noise = x_t - x_u
+        assert 0 < noise.abs().max() <= 0.2 + 1e-6
+        expected = ((torch.softmax(logits_a[1:5], 1) - p_t) ** 2).mean()
+    else:
+        assert a.rows == 5 + 2 and torch.equal(x_t, x_u)  # the two mixes join A's forward; the teacher sees x_u
+        u0, u1 = x_u.chunk(2)
+        mixed = x[5:]
+        lam = ((mixed - u0) / (u1 - u0))[:, :1, :1, :1]  # recover lam from the mix
+        target = (1 - lam) * p_t[:2] + lam * p_t[2:]
+        expected = ((torch.softmax(logits_a[5:], 1) - target) ** 2).mean()
+    assert out[term] == pytest.approx(float(expected), rel=1e-5)
+    assert out["loss"] == pytest.approx(out["sup_a"] + out[f"w_{term}"] * out[term], rel=1e-5)
+    # t = 0: alpha = 0, the teacher becomes the student A
+    assert all(torch.equal(t, s) for t, s in zip(trainer.teacher.parameters(), a.parameters()))
+
+
+def test_teacher_of_is_checked():
+    with pytest.raises(ValueError, match="teacher_of must be"):
+        make_trainer(net_b=False, teacher_of="c")
+    with pytest.raises(ValueError, match="mt_weight=1.0 needs a second network"):
+        make_trainer(net_b=False, unlabeled=True, mt_weight=1.0)  # teacher_of defaults to B
+
+
 def test_resume_continues_iterations_and_optimiser_state(tmp_path):
     def build(max_epochs):
         trainer, a, b = make_trainer(iterations=3, max_epochs=max_epochs)
-        objs = {"a": a, "b": b, "teacher": trainer.teacher_b, "optimizer_a": trainer.optimizer_a,
+        objs = {"a": a, "b": b, "teacher": trainer.teacher, "optimizer_a": trainer.optimizer_a,
                 "optimizer_b": trainer.optimizer_b, "trainer": trainer}
         return trainer, objs
 

@@ -10,17 +10,23 @@ folder, then ``evaluate.json`` scores its UNeXt on the test list of that fractio
 fully supervised upper bound does not depend on the fraction: it runs once per seed and is reported as 100 %. The table
 (``results.csv``, ``results.md``) gives mean ± sample standard deviation over seeds; ``dice_by_method.png`` and
 ``validation_dice.png`` draw the results.
+
+``--workers N`` runs N trainings at once (each with cpu_count // N threads): worth it on a GPU, whose small-batch
+runs are bound by Python and kernel launches, not on a small CPU. The data splits are prepared once up front so
+that concurrent runs never write the same files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fire
@@ -34,13 +40,16 @@ logger = logging.getLogger(__name__)
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("dice", "hd95_mm", "asd_mm", "hd95_px", "asd_px")
 FULLY_SUPERVISED = "fully_supervised"
+# every configs/methods/*.json, in the order the table lists them: baselines, then the method's ablations, then it
+METHODS = ("supervised", "fully_supervised", "mean_teacher", "ict_unext", "cps_two_unext", "cross_teaching", "no_cps",
+           "no_ict", "no_divergence", "full")
 
 
 def run_name(method: str, fraction: float, seed: int) -> str:
     return f"{method}__frac{fraction:g}__seed{seed}"
 
 
-def _bundle(config_files: Sequence[Path], overrides: dict, log: Path) -> None:
+def _bundle(config_files: Sequence[Path], overrides: dict, log: Path, threads: int | None = None) -> None:
     """One ``python -m monai.bundle run`` in a subprocess, its output appended to ``log``; fails with the log's name."""
     files = "[" + ",".join(f"'{f}'" for f in config_files) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files]
@@ -49,22 +58,41 @@ def _bundle(config_files: Sequence[Path], overrides: dict, log: Path) -> None:
     with open(log, "a") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        done = subprocess.run(cmd, cwd=BUNDLE_ROOT, stdout=f, stderr=subprocess.STDOUT)
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+        done = subprocess.run(cmd, cwd=BUNDLE_ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{cmd[3:6]} failed (exit {done.returncode}): see {log}")
 
 
+def prepared_dir(output_dir: Path, fraction: float, seed: int) -> Path:
+    """The split of one (fraction, seed), shared by every method so that all see the same images."""
+    return output_dir / f"prepared_frac{fraction:g}_seed{seed}"
+
+
+def prepare_splits(output_dir: Path, keys: Sequence[tuple[float, int]], dataset_dir: str, overrides: dict) -> None:
+    """Write each (fraction, seed) datalist (and the phantom, if due) before any training starts."""
+    from scripts.data import prepare_dataset
+
+    phantom = {k: overrides[k] for k in ("phantom_subjects", "phantom_image_size") if k in overrides}
+    for fraction, seed in keys:
+        prepare_dataset(dataset_dir, prepared_dir(output_dir, fraction, seed), labeled_fraction=fraction, seed=seed,
+                        generate_phantom_if_empty=bool(overrides.get("generate_phantom_if_empty", False)), **phantom)
+
+
 def train_and_evaluate(run_dir: Path, method: str, fraction: float, seed: int, dataset_dir: str,
-                       overrides: dict) -> dict:
-    """Train one method, evaluate it on the test list; returns the evaluation's mean metrics and its wall time."""
+                       overrides: dict, threads: int | None = None, recipe: str | None = None) -> dict:
+    """Train one method, evaluate it on the test list; returns the evaluation's mean metrics and its wall time.
+
+    ``recipe``: a config merged between train.json and the method's file (e.g. ``configs/paper_recipe.json``).
+    """
     configs = BUNDLE_ROOT / "configs"
     common = {"bundle_root": str(run_dir), "dataset_dir": dataset_dir, "seed": seed,
-              "prepared_dir": str(run_dir.parent / f"prepared_frac{fraction:g}_seed{seed}"), **overrides}
+              "prepared_dir": str(prepared_dir(run_dir.parent, fraction, seed)), **overrides}
     common["labeled_fraction"] = fraction
+    train = [configs / "train.json", *([Path(recipe).resolve()] if recipe else []), configs / "methods" / f"{method}.json"]
     start = time.perf_counter()
-    _bundle([configs / "train.json", configs / "methods" / f"{method}.json"], common, run_dir / "log.txt")
-    _bundle([configs / "train.json", configs / "methods" / f"{method}.json", configs / "evaluate.json"], common,
-            run_dir / "log.txt")
+    _bundle(train, common, run_dir / "log.txt", threads)
+    _bundle([*train, configs / "evaluate.json"], common, run_dir / "log.txt", threads)
     summary = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())
     return {"mean": summary["mean"], "n_images": summary["n_images"],
             "n_empty_predictions": summary["n_empty_predictions"], "wall_s": time.perf_counter() - start}
@@ -72,30 +100,42 @@ def train_and_evaluate(run_dir: Path, method: str, fraction: float, seed: int, d
 
 def run_all(output_dir: str, methods: Sequence[str], fractions: Sequence[float], seeds: Sequence[int],
             dataset_dir: str | None = None, overrides: dict | None = None,
-            runner: Callable[..., dict] = train_and_evaluate) -> list[dict]:
-    """Every (method, fraction, seed) not yet finished; returns all results (finished earlier ones included)."""
+            runner: Callable[..., dict] = train_and_evaluate, workers: int = 1, threads: int | None = None,
+            recipe: str | None = None) -> list[dict]:
+    """Every (method, fraction, seed) not yet finished, ``workers`` at a time; returns all results (earlier ones too).
+
+    ``threads``: CPU threads per run (default: all cores for one worker, an equal share for several).
+    """
+    if recipe and not Path(recipe).is_file():
+        raise FileNotFoundError(f"recipe config {recipe} not found")
     out = Path(output_dir).resolve()
     dataset_dir = dataset_dir or str(out / "data" / "phantom")
     overrides = dict(overrides or {})
     if "dataset_dir" not in overrides and dataset_dir == str(out / "data" / "phantom"):
         overrides["generate_phantom_if_empty"] = True
-    results = []
     # the upper bound uses every label whatever the fraction: one run per seed, reported as 100 %
     jobs = list(dict.fromkeys((m, 1.0 if m == FULLY_SUPERVISED else f, s) for f in fractions for m in methods
                               for s in seeds))
-    for i, (method, fraction, seed) in enumerate(jobs, 1):
+    todo = [job for job in jobs if not (out / run_name(*job) / "result.json").is_file()]
+    logger.info(f"{len(jobs)} runs, {len(jobs) - len(todo)} done earlier, {len(todo)} to do with {workers} worker(s)")
+    if workers > 1 and runner is train_and_evaluate:
+        prepare_splits(out, list(dict.fromkeys((f, s) for _, f, s in todo)), dataset_dir, overrides)
+    threads = threads or (max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None)
+
+    def one(numbered: tuple[int, tuple[str, float, int]]) -> None:
+        i, (method, fraction, seed) = numbered
         run_dir = out / run_name(method, fraction, seed)
-        result_file = run_dir / "result.json"
-        if result_file.is_file():
-            logger.info(f"[{i}/{len(jobs)}] {run_dir.name}: done earlier, skipped")
-        else:
-            logger.info(f"[{i}/{len(jobs)}] {run_dir.name}: training and evaluating")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            result = runner(run_dir, method, fraction, seed, dataset_dir, overrides)
-            result.update(method=method, fraction=fraction, seed=seed)
-            write_json_atomic(result_file, result)
-        results.append(json.loads(result_file.read_text()))
-    return results
+        logger.info(f"[{i}/{len(todo)}] {run_dir.name}: training and evaluating")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        kwargs = {k: v for k, v in (("threads", threads), ("recipe", recipe)) if v}
+        result = runner(run_dir, method, fraction, seed, dataset_dir, overrides, **kwargs)
+        result.update(method=method, fraction=fraction, seed=seed)
+        write_json_atomic(run_dir / "result.json", result)
+        logger.info(f"[{i}/{len(todo)}] {run_dir.name}: Dice {result['mean']['dice']:.3f} in {result['wall_s']:.0f} s")
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(one, enumerate(todo, 1)))  # list() re-raises the first failure
+    return [json.loads((out / run_name(*job) / "result.json").read_text()) for job in jobs]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -110,7 +150,8 @@ def summarise(results: Sequence[dict]) -> list[dict]:
     for r in results:
         groups.setdefault((r["method"], float(r["fraction"])), []).append(r)
     rows = []
-    for (method, fraction), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    order = lambda kv: (kv[0][1], METHODS.index(kv[0][0]) if kv[0][0] in METHODS else len(METHODS), kv[0][0])  # noqa: E731
+    for (method, fraction), runs in sorted(groups.items(), key=order):
         row = {"method": method, "fraction": fraction, "seeds": len(runs)}
         for metric in METRICS:
             values = [r["mean"][metric] for r in runs if r["mean"].get(metric) is not None]
@@ -165,30 +206,37 @@ def plot(results: Sequence[dict], rows: Sequence[dict], output_dir: str | Path) 
     fig.tight_layout()
     write_atomic(out / "dice_by_method.png", lambda f: fig.savefig(f, format="png"), binary=True)
 
-    fig = Figure(figsize=(7, 4), dpi=110)
-    ax = fig.subplots()
-    for colour, method in enumerate(methods):
-        for r in results:
-            curve = out / run_name(method, r["fraction"], r["seed"]) / "eval" / "validation.csv"
-            if r["method"] != method or not curve.is_file():
-                continue
-            with open(curve) as f:
-                points = list(csv.DictReader(f))
-            ax.plot([int(p["iteration"]) for p in points], [float(p["val_mean_dice"]) for p in points],
-                    color=f"C{colour}", alpha=0.6, label=f"{method}" if r["seed"] == min(x["seed"] for x in results) else None)
-    ax.set(xlabel="iteration", ylabel="validation Dice", ylim=(0, 1))
-    ax.legend(fontsize=7)
+    # validation Dice over iterations, mean over seeds, one panel per labelled fraction
+    fig = Figure(figsize=(6 * len(fractions), 4), dpi=110)
+    axes = fig.subplots(1, len(fractions), squeeze=False)[0]
+    for ax, fraction in zip(axes, fractions):
+        for colour, method in enumerate(methods):
+            curves = []
+            for r in results:
+                curve = out / run_name(method, r["fraction"], r["seed"]) / "eval" / "validation.csv"
+                if r["method"] == method and r["fraction"] == fraction and curve.is_file():
+                    with open(curve) as f:
+                        curves.append({int(p["iteration"]): float(p["val_mean_dice"]) for p in csv.DictReader(f)})
+            if curves:
+                its = sorted(set.intersection(*(set(c) for c in curves)))
+                ax.plot(its, [statistics.fmean(c[i] for c in curves) for i in its], color=f"C{colour % 10}",
+                        linestyle="-" if colour < 10 else "--", label=f"{method} ({len(curves)} seeds)")
+        ax.set(title=f"{fraction:.0%} labelled", xlabel="iteration", ylabel="validation Dice (mean over seeds)",
+               ylim=(0, 1))
+        ax.legend(fontsize=7)
     fig.tight_layout()
     write_atomic(out / "validation_dice.png", lambda f: fig.savefig(f, format="png"), binary=True)
 
 
 class CompareCLI:
-    def run(self, output_dir: str = "runs/compare", methods: Sequence[str] = ("supervised", "fully_supervised", "full"),
+    def run(self, output_dir: str = "runs/compare", methods: Sequence[str] = METHODS,
             fractions: Sequence[float] = (0.05, 0.1), seeds: Sequence[int] = (0, 1, 2), dataset_dir: str | None = None,
-            overrides: dict | None = None) -> None:
+            overrides: dict | None = None, workers: int = 1, threads: int | None = None,
+            recipe: str | None = None) -> None:
         """Train and evaluate every (method, fraction, seed) not done yet, then write the table and plots."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        results = run_all(output_dir, methods, fractions, seeds, dataset_dir, overrides)
+        results = run_all(output_dir, methods, fractions, seeds, dataset_dir, overrides, workers=workers,
+                          threads=threads, recipe=recipe)
         self.table(output_dir, results)
 
     def table(self, output_dir: str = "runs/compare", results: list[dict] | None = None) -> None:

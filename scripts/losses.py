@@ -11,6 +11,8 @@ import math
 import torch
 from monai.losses import DiceCELoss, DiceLoss
 
+from scripts.transforms import channel_argmax
+
 __all__ = [
     "SupervisedLoss",
     "CrossPseudoSupervisionLoss",
@@ -62,8 +64,8 @@ class CrossPseudoSupervisionLoss(torch.nn.Module):
         self.dice = reference_dice(to_onehot_y=True)
 
     def forward(self, prob_a: torch.Tensor, prob_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pseudo_a = prob_a.detach().argmax(dim=1, keepdim=True)
-        pseudo_b = prob_b.detach().argmax(dim=1, keepdim=True)
+        pseudo_a = channel_argmax(prob_a.detach(), dim=1)
+        pseudo_b = channel_argmax(prob_b.detach(), dim=1)
         return self.dice(prob_a, pseudo_b), self.dice(prob_b, pseudo_a)
 
 

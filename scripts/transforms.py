@@ -1,4 +1,4 @@
-"""Dictionary transforms the bundle needs beyond MONAI's own: channel-count normalisation and input validation.
+"""Dictionary transforms the bundle needs beyond MONAI's own: channel-count normalisation, a fast argmax, input checks.
 
 Each check raises one ValueError naming the offending file, so a bad item in a datalist is found at once.
 """
@@ -10,8 +10,9 @@ from collections.abc import Hashable, Mapping, Sequence
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+from monai.utils import convert_to_dst_type
 
-__all__ = ["AsChannelsd", "CheckLabelRanged", "CheckMinSized", "source_name"]
+__all__ = ["ArgMaxd", "AsChannelsd", "CheckLabelRanged", "CheckMinSized", "channel_argmax", "source_name"]
 
 
 def source_name(data: Mapping, key: Hashable) -> str:
@@ -19,6 +20,25 @@ def source_name(data: Mapping, key: Hashable) -> str:
     value = data.get(key)
     meta = getattr(value, "meta", None) or {}
     return str(meta.get("filename_or_obj") or data.get(f"{key}_path") or key)
+
+
+def channel_argmax(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``torch.argmax(x, dim, keepdim=True)`` (first maximum on ties) computed as ``x.max(dim).indices``.
+
+    PyTorch's CPU argmax over a short leading axis is slow: for (2, 800, 540) probabilities it took 47 ms against
+    7.6 ms for max (torch 2.13, 2 threads), and it runs on every image in evaluation and inference.
+    """
+    return x.max(dim=dim, keepdim=True).indices
+
+
+class ArgMaxd(MapTransform):
+    """Class probabilities or logits (C, ...) -> class indices (1, ...) as float, like ``AsDiscreted(argmax=True)``."""
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = convert_to_dst_type(channel_argmax(d[key], 0), d[key], dtype=torch.float32)[0]
+        return d
 
 
 class AsChannelsd(MapTransform):

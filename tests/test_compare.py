@@ -10,7 +10,7 @@ from scripts.compare import mean_std, run_all, summarise, write_table
 
 
 def fake_runner(calls):
-    def runner(run_dir, method, fraction, seed, dataset_dir, overrides):
+    def runner(run_dir, method, fraction, seed, dataset_dir, overrides, **options):
         calls.append((method, fraction, seed))
         dice = {"supervised": 0.6, "full": 0.7, "fully_supervised": 0.0}[method] + 0.01 * seed + fraction
         return {"mean": {"dice": dice, "hd95_mm": 10.0 - seed, "asd_mm": 2.0, "hd95_px": 40.0, "asd_px": 8.0 + seed},
@@ -65,3 +65,24 @@ def test_upper_bound_runs_once_per_seed(tmp_path):
     rows = summarise(results)
     assert [(r["method"], r["fraction"]) for r in rows] == [
         ("supervised", 0.05), ("supervised", 0.1), ("fully_supervised", 1.0)]
+
+
+def test_parallel_workers_run_each_job_once(tmp_path):
+    calls = []
+    results = run_all(str(tmp_path), ["supervised", "full"], [0.05, 0.1], [0, 1], runner=fake_runner(calls), workers=3)
+    assert sorted(calls) == sorted((m, f, s) for m in ("supervised", "full") for f in (0.05, 0.1) for s in (0, 1))
+    # results come back in job order whatever order the workers finished in
+    assert [(r["method"], r["fraction"], r["seed"]) for r in results] == [
+        (m, f, s) for f in (0.05, 0.1) for m in ("supervised", "full") for s in (0, 1)]
+    run_all(str(tmp_path), ["supervised", "full"], [0.05, 0.1], [0, 1], runner=fake_runner(calls), workers=3)
+    assert len(calls) == 8
+
+
+def test_missing_recipe_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        run_all(str(tmp_path), ["supervised"], [0.05], [0], recipe=str(tmp_path / "nope.json"))
+
+
+def test_table_lists_methods_in_the_documented_order():
+    results = [{"method": m, "fraction": 0.05, "seed": 0, "mean": {"dice": 0.5}} for m in ("full", "supervised", "no_ict")]
+    assert [r["method"] for r in summarise(results)] == ["supervised", "no_ict", "full"]

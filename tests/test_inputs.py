@@ -58,6 +58,24 @@ def test_as_channels_grey_rgb_rgba(tmp_path):
         AsChannelsd(keys="image")({"image": torch.zeros(5, 2, 2)})
 
 
+def test_argmaxd_matches_monai_and_torch_argmax_including_ties():
+    from monai.data import MetaTensor
+    from monai.transforms import AsDiscreted
+
+    from scripts.transforms import ArgMaxd, channel_argmax
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 17, 11, generator=g), 0)
+    probs[:, 0, :3] = 1.0 / 3  # exact three-way ties: the first class wins, as in torch.argmax
+    pred = MetaTensor(probs, meta={"filename_or_obj": "x.png"})
+    ours = ArgMaxd(keys="pred")({"pred": pred})["pred"]
+    monai = AsDiscreted(keys="pred", argmax=True)({"pred": pred.clone()})["pred"]
+    assert isinstance(ours, MetaTensor) and ours.dtype == monai.dtype == torch.float32
+    assert torch.equal(ours.as_tensor(), monai.as_tensor()) and (ours[0, 0, :3] == 0).all()
+    batch = torch.randn(4, 2, 9, 9, generator=g)
+    assert torch.equal(channel_argmax(batch, 1), torch.argmax(batch, 1, keepdim=True))
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -16,6 +16,7 @@ from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 from monai.networks.utils import one_hot
 
+from scripts.biometry import fit_ellipse
 from scripts.files import write_atomic
 from scripts.metrics import pixel_size_pair, segmentation_metrics
 
@@ -24,6 +25,7 @@ __all__ = ["MetricsWriter", "TrainingCurves", "write_atomic"]
 logger = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ("dice", "hd95_px", "asd_px", "hd95_mm", "asd_mm")
+CIRCUMFERENCE_COLUMNS = ("circumference_mm", "circumference_ref_mm", "circumference_abs_error_mm")
 
 
 def _as_onehot(x: Any, num_classes: int, what: str, filename: str) -> torch.Tensor:
@@ -86,6 +88,12 @@ class MetricsWriter:
       included with their worst distances; mm statistics over the images with a known pixel size;
     - ``metrics.png``: the per-image distributions, when ``plot`` is on.
 
+    With ``measure_circumference`` (the default) each row also holds the circumference of the ellipse fitted to the
+    predicted foreground (:func:`scripts.biometry.fit_ellipse`; every non-background class together), the reference
+    circumference (the item's ``reference_circumference_key``, e.g. HC18's ``hc_mm`` from its CSV, else the ellipse
+    fitted to the label) and their absolute difference in mm: the HC18 challenge metric. The cells are empty where
+    the pixel size is unknown; an image whose prediction gives no ellipse counts in ``n_circumference_failures``.
+
     Args:
         output_dir: folder for the files (created if missing).
         num_classes: classes including background, to one-hot index maps; default: the prediction's channels.
@@ -94,6 +102,8 @@ class MetricsWriter:
         pred_key, label_key, image_key, pixel_size_key: keys of the output/batch items.
         file_prefix: base name of the written files.
         plot: also write ``<file_prefix>.png``.
+        measure_circumference: add the circumference columns; reference_circumference_key: the item key of a
+            reference circumference in mm (used before the label's own ellipse).
     """
 
     def __init__(
@@ -108,6 +118,8 @@ class MetricsWriter:
         pixel_size_key: str = "pixel_size_mm",
         file_prefix: str = "metrics",
         plot: bool = True,
+        measure_circumference: bool = True,
+        reference_circumference_key: str | None = "hc_mm",
     ) -> None:
         self.output_dir = Path(output_dir)
         self.num_classes = num_classes
@@ -117,6 +129,8 @@ class MetricsWriter:
         self.pixel_size_key = pixel_size_key
         self.file_prefix = file_prefix
         self.plot = plot
+        self.measure_circumference = measure_circumference
+        self.reference_circumference_key = reference_circumference_key
         self.rows: list[dict[str, Any]] = []
 
     def attach(self, engine: Engine) -> None:
@@ -142,18 +156,43 @@ class MetricsWriter:
             raise ValueError(f"{filename}: a 1-channel prediction does not give the class count; set num_classes.")
         pred = _as_onehot(pred, num_classes, "prediction", filename)
         label = _as_onehot(item[self.label_key], num_classes, "label", filename)
-        raw_size = batch_item.get(self.pixel_size_key) if batch_item else None
-        raw_size = item.get(self.pixel_size_key) if raw_size is None else raw_size
-        result = segmentation_metrics(pred, label, pixel_size_pair(raw_size), self.include_background)
+        pixel_size = pixel_size_pair(self._lookup(item, batch_item, self.pixel_size_key))
+        result = segmentation_metrics(pred, label, pixel_size, self.include_background)
 
         row: dict[str, Any] = {"filename": filename}
         row.update({k: result[k] for k in METRIC_COLUMNS})
+        if self.measure_circumference:
+            reference = self._lookup(item, batch_item, self.reference_circumference_key)
+            row.update(self._circumferences(pred, label, pixel_size, reference))
         row["empty_prediction"] = result["empty_prediction"]
         row["failure"] = result["failure"]
         if len(result["per_class"]) > 1:
             for name, values in zip(self._class_names(result["per_class"]), result["per_class"].values()):
                 row.update({f"{k}_{name}": values[k] for k in (*METRIC_COLUMNS, "empty_prediction")})
         return row
+
+    @staticmethod
+    def _lookup(item: dict, batch_item: dict | None, key: str | None) -> Any:
+        """``key`` of the batch item, else of the output item; None when absent or no key."""
+        if key is None:
+            return None
+        value = batch_item.get(key) if batch_item else None
+        return item.get(key) if value is None else value
+
+    @staticmethod
+    def _circumferences(pred: torch.Tensor, label: torch.Tensor, pixel_size, reference: Any) -> dict[str, Any]:
+        """Predicted and reference ellipse circumferences (mm) and their absolute difference; None where unknown."""
+        if pixel_size is None:
+            return dict.fromkeys(CIRCUMFERENCE_COLUMNS)
+        fit = fit_ellipse((pred[1:].sum(0) > 0).numpy(), pixel_size)
+        if reference is not None:
+            ref = float(torch.as_tensor(reference).reshape(-1)[0])
+        else:
+            label_fit = fit_ellipse((label[1:].sum(0) > 0).numpy(), pixel_size)
+            ref = label_fit["circumference_mm"] if label_fit else None
+        value = fit["circumference_mm"] if fit else None
+        error = abs(value - ref) if value is not None and ref is not None else None
+        return dict(zip(CIRCUMFERENCE_COLUMNS, (value, ref, error)))
 
     def _class_names(self, per_class: dict[int, Any]) -> list[str]:
         if self.class_names is None:
@@ -179,6 +218,9 @@ class MetricsWriter:
             "n_empty_predictions": sum(bool(r["empty_prediction"]) for r in rows),
             "n_failures": sum(bool(r["failure"]) for r in rows),
             "n_images_with_pixel_size": sum(r["hd95_mm"] is not None for r in rows),
+            "n_circumference_failures": sum(
+                r.get("circumference_ref_mm") is not None and r.get("circumference_mm") is None for r in rows
+            ),
         }
 
     def epoch_completed(self, engine: Engine) -> None:
@@ -196,10 +238,12 @@ class MetricsWriter:
             write_atomic(prefix.with_suffix(".png"), lambda f: self._write_plot(f, summary), binary=True)
         m = summary["mean"]
         unit = "mm" if m.get("hd95_mm") is not None else "px"
+        circumference = m.get("circumference_abs_error_mm")
         logger.info(
-            "%d images, %d empty predictions: Dice %.4f, HD95 %.2f %s, ASD %.2f %s -> %s.csv/.json",
+            "%d images, %d empty predictions: Dice %.4f, HD95 %.2f %s, ASD %.2f %s%s -> %s.csv/.json",
             summary["n_images"], summary["n_empty_predictions"], m["dice"],
-            m[f"hd95_{unit}"], unit, m[f"asd_{unit}"], unit, prefix,
+            m[f"hd95_{unit}"], unit, m[f"asd_{unit}"], unit,
+            "" if circumference is None else f", circumference error {circumference:.2f} mm", prefix,
         )
 
     @staticmethod

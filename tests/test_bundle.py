@@ -85,6 +85,13 @@ def test_train_resume_evaluate_infer_export(tmp_path):
         assert 0.0 <= float(row["dice"]) <= 1.0 and float(row["hd95_mm"]) >= 0.0
     summary = json.loads((tmp_path / "eval" / "test" / "metrics.json").read_text())
     assert summary["n_images"] == len(rows)
+    # the reference HC is the CSV's value carried by each test item; the predicted one comes from the fitted ellipse
+    hc = {Path(item["image"]).name: item["hc_mm"] for item in datalist["test"]}
+    for row in rows:
+        assert float(row["circumference_ref_mm"]) == pytest.approx(hc[Path(row["filename"]).name], rel=1e-6)
+        if row["circumference_mm"]:
+            assert float(row["circumference_abs_error_mm"]) == pytest.approx(
+                abs(float(row["circumference_mm"]) - float(row["circumference_ref_mm"])), rel=1e-6)
 
     # 4. inference on a folder: a non-square grey PNG and an RGB JPEG; masks at each input's own size
     images = tmp_path / "in"

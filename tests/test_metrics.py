@@ -314,3 +314,30 @@ def test_write_atomic_keeps_old_file_when_writing_fails(tmp_path):
     with pytest.raises(OSError):
         write_atomic(target, half_then_fail)
     assert target.read_text() == '{"old": true}' and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_metrics_writer_reports_circumference_error_in_mm(tmp_path):
+    from scripts.biometry import ellipse_circumference
+
+    def ellipse(shape, cx, cy, a, b):
+        x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+        return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 <= 1.0
+
+    pred, label = ellipse((160, 120), 80, 60, 50, 35), ellipse((160, 120), 80, 60, 45, 35)
+    pixel_size = [0.2, 0.2]
+    writer = MetricsWriter(tmp_path, plot=False)
+    item = {"pred": onehot(pred), "label": onehot(label), "image": "x.png", "pixel_size_mm": pixel_size}
+    from_label = writer.score(item)
+    want_pred, want_label = ellipse_circumference(10.0, 7.0), ellipse_circumference(9.0, 7.0)  # semi-axes in mm
+    assert from_label["circumference_mm"] == pytest.approx(want_pred, rel=0.01)
+    assert from_label["circumference_ref_mm"] == pytest.approx(want_label, rel=0.01)
+    assert from_label["circumference_abs_error_mm"] == pytest.approx(want_pred - want_label, rel=0.05)
+    # a reference circumference carried by the item (HC18's CSV value) is used as is
+    from_csv = writer.score({**item, "hc_mm": torch.tensor(50.0)})
+    assert from_csv["circumference_ref_mm"] == 50.0
+    assert from_csv["circumference_abs_error_mm"] == pytest.approx(abs(from_label["circumference_mm"] - 50.0))
+    # no pixel size: no physical measurement; an empty prediction counts as a failed measurement
+    assert writer.score({**item, "pixel_size_mm": None})["circumference_mm"] is None
+    empty = writer.score({**item, "pred": onehot(np.zeros_like(pred))})
+    assert empty["circumference_mm"] is None and empty["circumference_ref_mm"] is not None
+    assert writer.summary([from_label, empty])["n_circumference_failures"] == 1

@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from scripts.biometry import ellipse_circumference
+
 __all__ = [
     "TRAINING_DIR_NAME",
     "TRAINING_CSV_NAME",
@@ -43,18 +45,6 @@ TEST_CSV_HEADER = ("filename", "pixel size(mm)")
 
 IMAGE_PATTERN = re.compile(r"^(?P<subject>\d+)_(?P<repeat>\d*)HC\.png$")
 ANNOTATION_SUFFIX = "_Annotation.png"
-
-
-def ellipse_circumference(a, b):
-    """Ramanujan's second approximation of an ellipse perimeter with semi-axes a, b.
-
-    pi (a + b) (1 + 3h / (10 + sqrt(4 - 3h))), h = ((a - b) / (a + b))^2; HC18 computes HC this way.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    h = ((a - b) / (a + b)) ** 2
-    result = math.pi * (a + b) * (1.0 + 3.0 * h / (10.0 + np.sqrt(4.0 - 3.0 * h)))
-    return float(result) if result.ndim == 0 else result
 
 
 def subject_of(filename: str) -> str:

@@ -103,7 +103,11 @@ def test_train_resume_evaluate_infer_export(tmp_path):
     nib.save(nib.Nifti1Image(rng.integers(0, 255, (100, 70)).astype(np.uint8), np.eye(4)), images / "scan_c.nii.gz")
     out_dir = tmp_path / "pred"
     bundle("run", "--config_file", "configs/inference.json", "--bundle_root", root,
-           "--input_dir", str(images), "--output_dir", str(out_dir))
+           "--input_dir", str(images), "--output_dir", str(out_dir), "--pixel_size_mm", "0.2")
+    with open(out_dir / "measurements.csv") as f:
+        measured = list(csv.DictReader(f))
+    assert [m["filename"] for m in measured] == ["scan_a.png", "scan_b.jpg", "scan_c.nii.gz"]
+    assert all(m["unit"] == "mm" and float(m["pixel_size_x_mm"]) == 0.2 for m in measured)
     for stem, size in (("scan_a", (260, 150)), ("scan_b", (90, 120)), ("scan_c", (100, 70))):
         mask = Image.open(out_dir / f"{stem}_mask.png")
         assert mask.size == size and set(np.unique(np.asarray(mask))) <= {0, 1}

@@ -5,6 +5,7 @@ The config evaluates these in ``initialize``; everything here only reads the val
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,6 +64,17 @@ def check_training_settings(
     if not 1 <= int(val_interval) <= int(total_iterations):
         _fail("val_interval", val_interval, f"between 1 and total_iterations ({total_iterations})")
     return True
+
+
+def load_datalist(path: str, num_classes: int) -> dict:
+    """The prepared datalist, checked against the config's class count (a 3-class data set needs num_classes=3)."""
+    with open(path) as f:
+        datalist = json.load(f)
+    found = int(datalist.get("meta", {}).get("num_classes", 2))
+    if found > int(num_classes):
+        _fail("num_classes", num_classes, f"{path} holds labels of {found} classes (background included): set "
+              f"--num_classes {found} and --class_names with {found} names")
+    return datalist
 
 
 def find_resume_checkpoint(checkpoint_dir: str) -> str:

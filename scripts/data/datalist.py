@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..files import IMAGE_SUFFIXES, write_atomic, write_json_atomic
+from .generic import LAYOUTS, detect_folder_layout, list_folder_layout
 from .hc18 import TRAINING_CSV_NAME, TRAINING_DIR_NAME, IMAGE_PATTERN, find_training_csv, list_hc18, load_hc18_mask
 from .phantom import PHANTOM_MARKER_NAME, generate_phantom
 
@@ -184,12 +185,39 @@ def _prepare_hc18(training_dir: Path, dataset_dir: Path, prepared_dir: Path, par
     return str(datalist_path)
 
 
+def _prepare_folder(layout: str, dataset_dir: Path, prepared_dir: Path, params: dict, pixel_size_mm) -> str:
+    """Datalist of an image/label folder layout (scripts.data.generic): labels are used as they are."""
+    labelled, extra, num_classes = list_folder_layout(dataset_dir, layout, pixel_size_mm)
+    datalist_path = prepared_dir / DATALIST_NAME
+    inputs = [Path(i[k]) for i in labelled + extra for k in ("image", "label") if k in i]
+    fingerprint = _fingerprint({**params, "pixel_size_mm": pixel_size_mm, "prepared_dir": str(prepared_dir)}, inputs)
+    if _reusable(datalist_path, fingerprint):
+        logger.info("datalist is up to date: %s", datalist_path)
+        return str(datalist_path)
+    split = split_subjects(labelled, params["labeled_fraction"], params["val_fraction"], params["test_fraction"],
+                           params["seed"])
+    datalist = {key: list(split[key]) for key in SPLIT_KEYS}
+    datalist["unlabeled"] = [{k: v for k, v in i.items() if k != "label"} for i in split["unlabeled"]] + extra
+    counts = {key: len(datalist[key]) for key in SPLIT_KEYS}
+    datalist["meta"] = {**{k: params[k] for k in ("layout", "labeled_fraction", "val_fraction", "test_fraction", "seed")},
+                        "num_classes": num_classes, "source": str(dataset_dir), "counts": counts,
+                        "fingerprint": fingerprint, "version": DATALIST_VERSION}
+    write_json_atomic(datalist_path, datalist)
+    logger.info("datalist %s (%s layout, %d classes): %d labeled, %d unlabeled, %d validation, %d test images",
+                datalist_path, layout, num_classes, counts["labeled"], counts["unlabeled"], counts["validation"],
+                counts["test"])
+    return str(datalist_path)
+
+
 def prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, val_fraction=0.1, test_fraction=0.2,
                     generate_phantom_if_empty=True, phantom_subjects=200, phantom_image_size=(800, 540),
-                    phantom_seed=0, progress=True) -> str:
+                    phantom_seed=0, progress=True, layout=None, pixel_size_mm=None) -> str:
     """Make `<prepared_dir>/datalist.json` (and filled masks in `<prepared_dir>/labels/`) from `dataset_dir`.
 
-    Recognised layouts: HC18 (`training_set/` + its CSV beside or inside it, or the training_set folder itself).
+    Recognised layouts (``layout`` None detects them in this order): ``hc18`` (`training_set/` + its CSV beside or
+    inside it, or the training_set folder itself), then the folder layouts of :mod:`scripts.data.generic`:
+    ``fugc``, ``psfhs``, ``generic`` (`images/` + `labels/`). ``pixel_size_mm`` is the pixel size of folder-layout
+    images whose format carries none (PNG, JPG).
     A missing or image-free `dataset_dir` gets a synthetic HC18-like phantom when `generate_phantom_if_empty`.
     Re-runs with the same inputs and parameters reuse the datalist. Nothing in `dataset_dir` is modified
     (except writing the phantom into an empty one). Returns the datalist path.
@@ -210,7 +238,18 @@ def prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, va
     if marker.is_file() and generate_phantom_if_empty:  # a phantom written here earlier: finish it if interrupted
         phantom_params = json.loads(marker.read_text())["params"]
         generate_phantom(dataset_dir, **phantom_params, progress=progress)
-    training_dir = find_hc18_training_dir(dataset_dir)
+    if layout is not None and layout != "hc18" and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: expected hc18, {', '.join(LAYOUTS)} or None to detect it")
+    folder_layout = layout if layout in LAYOUTS else None
+    training_dir = find_hc18_training_dir(dataset_dir) if layout in (None, "hc18") else None
+    if layout is None and training_dir is None:
+        folder_layout = detect_folder_layout(dataset_dir)
+    if folder_layout is not None:
+        prepared_dir.mkdir(parents=True, exist_ok=True)
+        params = {"layout": folder_layout, "labeled_fraction": float(labeled_fraction),
+                  "val_fraction": float(val_fraction), "test_fraction": float(test_fraction), "seed": int(seed),
+                  "version": DATALIST_VERSION}
+        return _prepare_folder(folder_layout, dataset_dir, prepared_dir, params, pixel_size_mm)
     if training_dir is None and not _holds_images(dataset_dir):
         if not generate_phantom_if_empty:
             raise ValueError(
@@ -224,7 +263,8 @@ def prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, va
         raise ValueError(
             f"cannot recognise the dataset layout in {dataset_dir}: expected HC18's {TRAINING_DIR_NAME}/ folder "
             f"(NNN_HC.png + NNN_HC_Annotation.png) with {TRAINING_CSV_NAME} beside or inside it, "
-            "or that folder itself"
+            "or that folder itself; or images/ [+ labels/] (generic), train/labeled_data/images (FUGC), "
+            "image_mha/ + label_mha/ (PSFHS)"
         )
     prepared_dir.mkdir(parents=True, exist_ok=True)
     params = {"layout": "hc18", "labeled_fraction": float(labeled_fraction), "val_fraction": float(val_fraction),

@@ -24,11 +24,15 @@ def phantom(dataset_dir, num_subjects=200, repeat_fraction=0.2, image_size=(800,
 
 
 def prepare(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, val_fraction=0.1, test_fraction=0.2,
-            generate_phantom_if_empty=True, phantom_subjects=200):
-    """Write PREPARED_DIR/datalist.json and the filled masks from DATASET_DIR; prints the datalist path."""
+            generate_phantom_if_empty=True, phantom_subjects=200, layout=None, pixel_size_mm=None):
+    """Write PREPARED_DIR/datalist.json (and HC18's filled masks) from DATASET_DIR; prints the datalist path.
+
+    LAYOUT: hc18, fugc, psfhs or generic (None detects it); PIXEL_SIZE_MM: for folder-layout PNG/JPG images.
+    """
     return prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=labeled_fraction, seed=seed,
                            val_fraction=val_fraction, test_fraction=test_fraction,
-                           generate_phantom_if_empty=generate_phantom_if_empty, phantom_subjects=phantom_subjects)
+                           generate_phantom_if_empty=generate_phantom_if_empty, phantom_subjects=phantom_subjects,
+                           layout=layout, pixel_size_mm=pixel_size_mm)
 
 
 def montage(dataset_dir, output_png, count=8):

@@ -32,8 +32,8 @@ from scripts.losses import (
 __all__ = ["SemiSupervisedLoader", "DualNetworkTrainer", "TrainingProgressBar", "loss_terms"]
 
 # keys of engine.state.output besides MONAI's image/label/pred/loss
-LOSS_TERMS = ("sup_a", "sup_b", "cps_a", "cps_b", "ict", "mt", "kl", "mig", "divergence", "w_cps", "w_ict", "w_mt", "w_div",
-              "lr")
+LOSS_TERMS = ("sup_a", "sup_b", "cps_a", "cps_b", "ict", "mt", "kl", "mig", "divergence",
+              "w_cps", "w_ict", "w_mt", "w_div", "lr")
 
 
 class SemiSupervisedLoader:

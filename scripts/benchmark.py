@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import fire
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -135,7 +136,8 @@ def pipeline_report(work: Path, n_images: int, runs: int, input_dir: str | None,
     Stages come from the evaluator's own events: loading (GET_BATCH_STARTED..COMPLETED, split into decoding, timed
     alone with the config's LoadImaged + EnsureChannelFirstd, and the rest of the preprocessing), the forward
     (ITERATION_STARTED..FORWARD_COMPLETED), postprocessing (..MODEL_COMPLETED: softmax, Invertd back to the
-    original size, argmax, SaveImaged) and the overlay PNG (..ITERATION_COMPLETED).
+    original size, argmax, SaveImaged) and the handlers (..ITERATION_COMPLETED: the ellipse measurement, timed
+    alone on the written masks, and the overlay PNG).
     """
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
@@ -195,18 +197,31 @@ def pipeline_report(work: Path, n_images: int, runs: int, input_dir: str | None,
     with torch.no_grad():
         forward = [statistics.median(inference_times(lambda: net(x), runs=len(files), warmup=3)) for _ in range(runs)]
 
-    ms = lambda a, b: 1000.0 * statistics.median(y - x for x, y in zip(stamps[a], stamps[b]))  # noqa: E731
+    from PIL import Image
+
+    from scripts.biometry import fit_ellipse
+
+    fits = []  # the ellipse fit alone, on the masks the run wrote
+    for mask_file in sorted((work / "out").glob("*_mask.png"))[: len(files)]:
+        mask = np.asarray(Image.open(mask_file)).T
+        t0 = time.perf_counter()
+        fit_ellipse(mask, (0.1, 0.1))
+        fits.append(time.perf_counter() - t0)
+
+    # means over the images of the last run, so that the stages and the rest add up to its time per image
+    ms = lambda a, b: 1000.0 * statistics.fmean(y - x for x, y in zip(stamps[a], stamps[b]))  # noqa: E731
     load = ms("load0", "load1")
+    fit_ms = 1000.0 * statistics.fmean(fits) if fits else 0.0
     stages = {
-        "decode the file (LoadImaged)": 1000.0 * statistics.median(decode),
-        "rest of preprocessing (scale, resize)": load - 1000.0 * statistics.median(decode),
+        "decode the file (LoadImaged)": 1000.0 * statistics.fmean(decode),
+        "rest of preprocessing (scale, resize)": load - 1000.0 * statistics.fmean(decode),
         "forward (prepare_batch + UNeXt)": ms("it0", "fwd"),
         "postprocess (softmax, Invertd, save)": ms("fwd", "post"),
-        "overlay PNG": ms("post", "done"),
+        "ellipse fit (timed alone)": fit_ms,
+        "overlay: tint, outline, ellipse, PNG": ms("post", "done") - fit_ms,
     }
     pipeline_ms = 1000.0 * statistics.median(totals) / len(files)
-    per_image = sum(stages.values())
-    stages["engine and loader overhead (rest)"] = pipeline_ms - per_image
+    stages["engine, loader and handler overhead (rest)"] = 1000.0 * totals[-1] / len(files) - sum(stages.values())
     return {"n_images": len(files), "image_size": image_size, "spatial_size": size, "model": described,
             "forward_ms": 1000.0 * statistics.median(forward), "pipeline_ms": pipeline_ms, "stages_ms": stages}
 
@@ -262,7 +277,8 @@ class Benchmarks:
               f"{1000 / report['forward_ms']:.1f} images/s")
         print(f"inference.json end to end: {report['pipeline_ms']:.1f} ms/image = {1000 / report['pipeline_ms']:.1f} "
               f"images/s = {report['forward_ms'] / report['pipeline_ms']:.2f} x the bare forward")
-        print("where an image's time goes (ms, median over images of the last run):")
+        print(f"where an image's time goes in the last run ({sum(report['stages_ms'].values()):.1f} ms per image; "
+              "ms, mean over images):")
         for stage, ms in report["stages_ms"].items():
             print(f"  {stage:38s} {ms:7.1f}")
 

@@ -42,12 +42,15 @@ def ellipse_circumference(a, b):
     return float(result) if result.ndim == 0 else result
 
 
-def _largest_region(mask: np.ndarray) -> np.ndarray:
+def _largest_region(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """The largest connected region with its holes filled, cropped to its bounding box, and the crop's offset."""
     labels, n = ndimage.label(mask)
-    if n > 1:
-        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-        mask = labels == (1 + int(np.argmax(sizes)))
-    return ndimage.binary_fill_holes(mask)
+    if n == 0:
+        return np.zeros((0, 0), bool), (0, 0)
+    index = 1 + int(np.argmax(ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1)))) if n > 1 else 1
+    box = ndimage.find_objects(labels, max_label=index)[index - 1]
+    region = ndimage.binary_fill_holes(labels[box] == index)
+    return region, (box[0].start, box[1].start)
 
 
 def fit_ellipse(mask: Any, pixel_size: Sequence[float] | None = (1.0, 1.0), min_pixels: int = 20) -> dict | None:
@@ -65,12 +68,12 @@ def fit_ellipse(mask: Any, pixel_size: Sequence[float] | None = (1.0, 1.0), min_
     sx, sy = (1.0, 1.0) if pixel_size is None else (float(pixel_size[0]), float(pixel_size[1]))
     if not (sx > 0 and sy > 0 and math.isfinite(sx) and math.isfinite(sy)):
         raise ValueError(f"pixel_size must be two positive finite numbers, got {pixel_size}")
-    region = _largest_region(mask != 0)
+    region, offset = _largest_region(mask != 0)
     if int(region.sum()) < min_pixels:
         return None
     # pad so that a region touching the border still gives a closed contour
     contours = find_contours(np.pad(region, 1).astype(np.float32), 0.5)
-    boundary = max(contours, key=len) - 1.0  # (N, 2) in (x, y) index order, padding removed
+    boundary = max(contours, key=len) - 1.0 + np.array(offset)  # (N, 2) in (x, y) index order of the mask
     points = boundary * np.array([sx, sy])
     model = EllipseModel.from_estimate(points)
     if not model:

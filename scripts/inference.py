@@ -30,23 +30,29 @@ CLASS_COLOURS = np.array([[0, 230, 64], [230, 0, 200], [0, 200, 230], [240, 220,
 
 
 def list_images(input_dir: str, suffixes: Sequence[str] = IMAGE_SUFFIXES, pixel_size_mm: Any = None,
-                pixel_size_csv: str | None = None) -> list[dict]:
-    """``[{"image": path[, "pixel_size_mm": [sx, sy]]}, ...]`` for every image directly in ``input_dir``, sorted.
+                pixel_size_csv: str | None = None, frames_dir: str | None = None) -> list[dict]:
+    """``[{"image": path[, "pixel_size_mm": [sx, sy]]}, ...]`` for an image file or every image directly in a folder.
 
-    Annotations and this bundle's outputs are skipped. The pixel size of a file comes from ``pixel_size_csv`` (HC18's
-    ``filename,pixel size(mm)[,head circumference (mm)]``), else from an HC18 CSV found in or beside ``input_dir``,
-    else from ``pixel_size_mm`` (one number or [sx, sy] for every file); otherwise it is unknown and measurements
-    are given in pixels.
+    Annotations and this bundle's outputs are skipped. DICOM files (``.dcm``, or extension-less files with the
+    DICOM marker) are decoded by :mod:`scripts.data.dicom`: each frame is written as a PNG into ``frames_dir`` and
+    carries the DICOM's physical pixel size. Other files get their pixel size from ``pixel_size_csv`` (HC18's
+    ``filename,pixel size(mm)[,head circumference (mm)]``), else from an HC18 CSV found in or beside the folder,
+    else from ``pixel_size_mm`` (one number or [sx, sy]); otherwise it is unknown and measurements are in pixels.
     """
-    folder = Path(input_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"input folder {folder} does not exist (set --input_dir to a folder of images)")
+    from scripts.data.dicom import export_frames, is_dicom
+
+    source = Path(input_dir)
+    if not source.exists():
+        raise FileNotFoundError(f"input {source} does not exist (set --input_dir to an image, a DICOM or a folder)")
+    folder = source if source.is_dir() else source.parent
+    candidates = sorted(folder.iterdir()) if source.is_dir() else [source]
+    dicoms = [p for p in candidates if p.is_file() and (p.suffix.lower() == ".dcm" or (not p.suffix and is_dicom(p)))]
     files = [
-        p for p in sorted(folder.iterdir())
-        if p.is_file() and p.name.lower().endswith(tuple(suffixes)) and not p.name.endswith(NOT_INPUTS)
+        p for p in candidates
+        if p.is_file() and p not in dicoms and p.name.lower().endswith(tuple(suffixes)) and not p.name.endswith(NOT_INPUTS)
     ]
-    if not files:
-        raise ValueError(f"input folder {folder} holds no images ({', '.join(suffixes)})")
+    if not files and not dicoms:
+        raise ValueError(f"{source} holds no images ({', '.join(suffixes)})")
     if pixel_size_csv is None:
         found = [c for d in (folder, folder.parent) for c in (d / TEST_CSV_NAME, d / TRAINING_CSV_NAME) if c.is_file()]
         pixel_size_csv = str(found[0]) if found else None
@@ -64,13 +70,18 @@ def list_images(input_dir: str, suffixes: Sequence[str] = IMAGE_SUFFIXES, pixel_
         if pair:
             item["pixel_size_mm"] = pair
         items.append(item)
+    if dicoms:
+        if frames_dir is None:
+            raise ValueError(f"{dicoms[0]}: DICOM input needs frames_dir, a folder for its decoded frames")
+        for p in dicoms:
+            items += export_frames(p, frames_dir)
     return items
 
 
 def _as_index_map(pred: torch.Tensor) -> np.ndarray:
     """(C, W, H) one-hot/probabilities or (1, W, H) indices -> (H, W) class indices."""
     pred = torch.as_tensor(pred).detach().cpu()
-    index = pred.argmax(0) if pred.shape[0] > 1 else pred[0].round().long()
+    index = channel_argmax(pred, 0)[0] if pred.shape[0] > 1 else pred[0].round().long()
     return index.numpy().T
 
 

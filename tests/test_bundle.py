@@ -113,6 +113,29 @@ def test_train_resume_evaluate_infer_export(tmp_path):
         assert mask.size == size and set(np.unique(np.asarray(mask))) <= {0, 1}
         assert Image.open(out_dir / f"{stem}_overlay.png").size == size
 
+    # 4b. DICOM in: the five real ultrasound files pydicom ships; one mask per frame at the frame's size, in mm
+    #     where the US regions give the pixel size
+    from pydicom.data import get_testdata_file
+
+    dicoms = tmp_path / "dicom"
+    dicoms.mkdir()
+    frames = {"examples_rgb_color": (1, 320, 240), "examples_palette": (1, 800, 350), "examples_jpeg2k": (1, 640, 480),
+              "examples_ybr_color": (30, 320, 240), "ExplVR_BigEnd": (1, 80, 60)}
+    for name in frames:
+        (dicoms / f"{name}.dcm").write_bytes(Path(get_testdata_file(f"{name}.dcm")).read_bytes())
+    dicom_out = tmp_path / "dicom_pred"
+    bundle("run", "--config_file", "configs/inference.json", "--bundle_root", root, "--input_dir", str(dicoms),
+           "--output_dir", str(dicom_out))
+    for name, (count, width, height) in frames.items():
+        stems = [name] if count == 1 else [f"{name}_f{i:03d}" for i in range(count)]
+        for stem in stems:
+            assert Image.open(dicom_out / f"{stem}_mask.png").size == (width, height), stem
+    with open(dicom_out / "measurements.csv") as f:
+        units = {m["filename"]: (m["unit"], m["pixel_size_x_mm"]) for m in csv.DictReader(f)}
+    assert len(units) == 34 and units["examples_palette.png"][0] == "mm"
+    assert float(units["examples_palette.png"][1]) == pytest.approx(0.2623, rel=1e-3)
+    assert units["examples_rgb_color.png"][0] == "px"
+
     # 5. TorchScript export of the trained UNeXt matches eager
     ts = tmp_path / "models" / "model.ts"
     bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(model),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from scipy import ndimage
 from scripts.biometry import HC18_SUBMISSION_COLUMNS, MEASUREMENT_COLUMNS, fit_ellipse
 from scripts.data.hc18 import TEST_CSV_NAME, TRAINING_CSV_NAME, read_hc18_csv
 from scripts.files import IMAGE_SUFFIXES, image_stem, write_atomic, write_json_atomic
-from scripts.metrics import pixel_size_pair
+from scripts.metrics import pixel_size_pair, user_pixel_size
 from scripts.transforms import channel_argmax
 
 __all__ = ["list_images", "overlay_rgb", "OverlayWriter", "MeasurementWriter"]
@@ -57,11 +56,7 @@ def list_images(input_dir: str, suffixes: Sequence[str] = IMAGE_SUFFIXES, pixel_
         found = [c for d in (folder, folder.parent) for c in (d / TEST_CSV_NAME, d / TRAINING_CSV_NAME) if c.is_file()]
         pixel_size_csv = str(found[0]) if found else None
     sizes = read_hc18_csv(pixel_size_csv) if pixel_size_csv else {}
-    default = None
-    if pixel_size_mm is not None:
-        default = pixel_size_pair([pixel_size_mm] * 2 if np.isscalar(pixel_size_mm) else pixel_size_mm)
-        if default is None:
-            raise ValueError(f"pixel_size_mm must be a positive number or two, got {pixel_size_mm!r}")
+    default = user_pixel_size(pixel_size_mm)
     items = []
     for p in files:
         item: dict[str, Any] = {"image": str(p)}

@@ -37,6 +37,7 @@ from monai.utils import MetricReduction
 __all__ = [
     "PixelSize",
     "pixel_size_pair",
+    "user_pixel_size",
     "pixel_sizes_from_batch",
     "pixel_sizes_from_engine_batch",
     "worst_distance",
@@ -81,6 +82,16 @@ def pixel_size_pair(value: Any) -> PixelSize | None:
     if row.shape != (2,):
         raise ValueError(f"pixel size must be a pair [sx, sy] in mm, got shape {tuple(_scalars(value).shape)}.")
     return _valid_or_none(row)
+
+
+def user_pixel_size(value: Any, what: str = "pixel_size_mm") -> PixelSize | None:
+    """A pixel size the user gave: None, one number for square pixels, or ``[sx, sy]``; anything else is an error."""
+    if value is None:
+        return None
+    pair = pixel_size_pair([value, value] if np.isscalar(value) else value)
+    if pair is None:
+        raise ValueError(f"{what} must be a positive number or two ([sx, sy] in mm), got {value!r}")
+    return pair
 
 
 def pixel_sizes_from_batch(value: Any, batch_size: int) -> list[PixelSize | None]:

@@ -241,7 +241,8 @@ class DualNetworkTrainer(Trainer):
                 if use_mt:
                     teacher_in.append(x_u + torch.clamp(torch.randn_like(x_u) * 0.1, -0.2, 0.2))
                 with torch.no_grad():
-                    teacher_prob = torch.softmax(self.teacher(torch.cat(teacher_in)).float(), dim=1).split(x_u.shape[0])
+                    teacher_x = teacher_in[0] if len(teacher_in) == 1 else torch.cat(teacher_in)  # no copy for one
+                    teacher_prob = torch.softmax(self.teacher(teacher_x).float(), dim=1).split(x_u.shape[0])
             # the ICT mix joins the student's one forward
             mix_a, mix_b = (mixed, None) if self.teacher_of == "a" else (None, mixed)
             logits_a = a(x if mix_a is None else torch.cat((x, mix_a))).float()

@@ -30,8 +30,10 @@ def test_pixel_sizes_from_an_hc18_test_csv_beside_the_folder(tmp_path):
     items = list_images(str(tmp_path / "test_set"))
     assert [i["image"].rsplit("/", 1)[1] for i in items] == ["000_HC.png", "001_HC.png"]  # annotation skipped
     assert items[0]["pixel_size_mm"] == [0.12, 0.12] and "pixel_size_mm" not in items[1]
-    # a default for the rest; an explicit CSV with a wrong header names the file
+    # a default for the rest; a bad default or an explicit CSV with a wrong header is named
     assert list_images(str(tmp_path / "test_set"), pixel_size_mm=0.3)[1]["pixel_size_mm"] == [0.3, 0.3]
+    with pytest.raises(ValueError, match=r"pixel_size_mm must be a positive number or two .* got -1"):
+        list_images(str(tmp_path / "test_set"), pixel_size_mm=-1)
     bad = tmp_path / "bad.csv"
     bad.write_text("name,size\n000_HC.png,0.1\n")
     with pytest.raises(ValueError, match="bad.csv: unexpected CSV header"):

@@ -13,13 +13,13 @@ carry none (PNG, JPG); else they are unknown and distances are reported in pixel
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..files import IMAGE_SUFFIXES, image_stem
+from ..metrics import pixel_size_pair, user_pixel_size
 
 __all__ = ["LAYOUTS", "detect_folder_layout", "list_folder_layout", "read_header", "read_label"]
 
@@ -104,10 +104,9 @@ def read_label(path: Path) -> np.ndarray:
     return array
 
 
-def _check_label(label_path: Path, image_path: Path) -> int:
-    """Validate one label against its image; returns its largest class index."""
+def _check_label(label_path: Path, image_path: Path, image_size: tuple[int, ...]) -> int:
+    """Validate one label against its image's size; returns its largest class index."""
     label = read_label(label_path)
-    image_size, _ = read_header(image_path)
     if tuple(label.shape) != tuple(image_size):
         raise ValueError(
             f"{label_path}: label size {tuple(label.shape)} differs from its image {image_path.name} {tuple(image_size)}"
@@ -139,29 +138,26 @@ def list_folder_layout(dataset_dir, layout: str, pixel_size_mm=None) -> tuple[li
     extra = _image_files(unlabelled_dir) if unlabelled_dir else {}
     if not images and not extra:
         raise ValueError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    default = None
-    if pixel_size_mm is not None:
-        default = (float(pixel_size_mm), float(pixel_size_mm)) if np.isscalar(pixel_size_mm) else tuple(
-            float(v) for v in pixel_size_mm)
+    default = user_pixel_size(pixel_size_mm, "dataset_pixel_size_mm")
 
-    def item(stem: str, path: Path) -> dict:
+    def item(stem: str, path: Path) -> tuple[dict, tuple[int, ...]]:
         entry = {"image": str(path.resolve()), "subject": stem}
-        _, spacing = read_header(path)
-        spacing = spacing or default
-        if spacing and all(math.isfinite(s) and s > 0 for s in spacing):
-            entry["pixel_size_mm"] = [spacing[0], spacing[1]]
-        return entry
+        size, spacing = read_header(path)
+        spacing = pixel_size_pair(spacing) if spacing else None  # a header may hold 0 or NaN: unknown
+        if spacing or default:
+            entry["pixel_size_mm"] = list(spacing or default)
+        return entry, size
 
     labelled, unlabelled, max_class = [], [], 0
     for stem, path in images.items():
-        entry = item(stem, path)
+        entry, size = item(stem, path)
         if stem in labels:
-            max_class = max(max_class, _check_label(labels[stem], path))
+            max_class = max(max_class, _check_label(labels[stem], path, size))
             entry["label"] = str(labels[stem].resolve())
             labelled.append(entry)
         else:
             unlabelled.append(entry)
-    unlabelled += [item(f"unlabelled/{stem}", path) for stem, path in extra.items()]
+    unlabelled += [item(f"unlabelled/{stem}", path)[0] for stem, path in extra.items()]
     if len(labelled) < 3:
         raise ValueError(f"{label_dir}: {len(labelled)} labelled image(s); at least 3 are needed (training, validation, test)")
     return labelled, unlabelled, max(2, max_class + 1)

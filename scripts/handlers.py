@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,6 +63,14 @@ def _filename(item: dict, batch_item: dict | None, pred: Any, image_key: str) ->
     return None
 
 
+def _known(value: Any) -> float | None:
+    """A reference number as a float, None when absent or NaN (unknown)."""
+    if value is None:
+        return None
+    value = float(torch.as_tensor(value).reshape(-1)[0])
+    return value if math.isfinite(value) else None
+
+
 def _items(data: Any) -> list:
     """Per-image items of ``engine.state.output`` or ``.batch``: already a list when the workflow decollates."""
     if isinstance(data, list):
@@ -102,8 +111,9 @@ class MetricsWriter:
         pred_key, label_key, image_key, pixel_size_key: keys of the output/batch items.
         file_prefix: base name of the written files.
         plot: also write ``<file_prefix>.png``.
-        measure_circumference: add the circumference columns; reference_circumference_key: the item key of a
-            reference circumference in mm (used before the label's own ellipse).
+        measure_circumference: add the circumference columns; reference_circumference_key: the item key(s) of a
+            reference circumference in mm (HC18's ``hc_mm``, ACOUSLIC's ``ac_mm``; the first known one is used
+            before the label's own ellipse; NaN is unknown).
     """
 
     def __init__(
@@ -119,7 +129,7 @@ class MetricsWriter:
         file_prefix: str = "metrics",
         plot: bool = True,
         measure_circumference: bool = True,
-        reference_circumference_key: str | None = "hc_mm",
+        reference_circumference_key: str | Sequence[str] | None = ("hc_mm", "ac_mm"),
     ) -> None:
         self.output_dir = Path(output_dir)
         self.num_classes = num_classes
@@ -162,7 +172,10 @@ class MetricsWriter:
         row: dict[str, Any] = {"filename": filename}
         row.update({k: result[k] for k in METRIC_COLUMNS})
         if self.measure_circumference:
-            reference = self._lookup(item, batch_item, self.reference_circumference_key)
+            keys = self.reference_circumference_key
+            keys = [keys] if isinstance(keys, str) or keys is None else keys
+            reference = next((v for v in (_known(self._lookup(item, batch_item, k)) for k in keys) if v is not None),
+                             None)
             row.update(self._circumferences(pred, label, pixel_size, reference))
         row["empty_prediction"] = result["empty_prediction"]
         row["failure"] = result["failure"]
@@ -186,7 +199,7 @@ class MetricsWriter:
             return dict.fromkeys(CIRCUMFERENCE_COLUMNS)
         fit = fit_ellipse((pred[1:].sum(0) > 0).numpy(), pixel_size)
         if reference is not None:
-            ref = float(torch.as_tensor(reference).reshape(-1)[0])
+            ref = reference
         else:
             label_fit = fit_ellipse((label[1:].sum(0) > 0).numpy(), pixel_size)
             ref = label_fit["circumference_mm"] if label_fit else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -66,10 +67,25 @@ def check_training_settings(
     return True
 
 
+# optional per-item numbers: an item without one gets NaN (unknown) so that items of one list batch together
+OPTIONAL_NUMBERS = {"pixel_size_mm": [math.nan, math.nan], "hc_mm": math.nan, "ac_mm": math.nan}
+
+
 def load_datalist(path: str, num_classes: int) -> dict:
-    """The prepared datalist, checked against the config's class count (a 3-class data set needs num_classes=3)."""
+    """The prepared datalist, checked against the config's class count (a 3-class data set needs num_classes=3).
+
+    Where some items of a list carry an optional number (pixel size, reference HC/AC) and others do not, the others
+    get NaN, which every consumer reads as unknown: a batch of mixed items then collates.
+    """
     with open(path) as f:
         datalist = json.load(f)
+    for key, items in datalist.items():
+        if key == "meta" or not isinstance(items, list):
+            continue
+        for name, unknown in OPTIONAL_NUMBERS.items():
+            if any(name in i for i in items):
+                for item in items:
+                    item.setdefault(name, unknown)
     found = int(datalist.get("meta", {}).get("num_classes", 2))
     if found > int(num_classes):
         _fail("num_classes", num_classes, f"{path} holds labels of {found} classes (background included): set "

@@ -336,6 +336,10 @@ def test_metrics_writer_reports_circumference_error_in_mm(tmp_path):
     from_csv = writer.score({**item, "hc_mm": torch.tensor(50.0)})
     assert from_csv["circumference_ref_mm"] == 50.0
     assert from_csv["circumference_abs_error_mm"] == pytest.approx(abs(from_label["circumference_mm"] - 50.0))
+    # ACOUSLIC's reference AC; NaN (the placeholder of an item without one) falls back to the label's ellipse
+    assert writer.score({**item, "ac_mm": torch.tensor(61.0)})["circumference_ref_mm"] == 61.0
+    unknown = writer.score({**item, "hc_mm": torch.tensor(float("nan")), "ac_mm": torch.tensor(float("nan"))})
+    assert unknown["circumference_ref_mm"] == pytest.approx(from_label["circumference_ref_mm"])
     # no pixel size: no physical measurement; an empty prediction counts as a failed measurement
     assert writer.score({**item, "pixel_size_mm": None})["circumference_mm"] is None
     empty = writer.score({**item, "pred": onehot(np.zeros_like(pred))})

@@ -1,7 +1,7 @@
 """Command line for the data side of the bundle.
 
     python -m scripts.data phantom --dataset_dir D [--num_subjects 200 --image_size "[800,540]" --seed 0]
-    python -m scripts.data prepare --dataset_dir D --prepared_dir P [--labeled_fraction 0.1 --seed 1]
+    python -m scripts.data prepare --dataset_dir D --prepared_dir P [--labeled_fraction 0.1 --seed 1 --layout acouslic]
     python -m scripts.data montage --dataset_dir D --output_png docs/phantom_examples.png
 """
 
@@ -24,15 +24,19 @@ def phantom(dataset_dir, num_subjects=200, repeat_fraction=0.2, image_size=(800,
 
 
 def prepare(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, val_fraction=0.1, test_fraction=0.2,
-            generate_phantom_if_empty=True, phantom_subjects=200, layout=None, pixel_size_mm=None):
-    """Write PREPARED_DIR/datalist.json (and HC18's filled masks) from DATASET_DIR; prints the datalist path.
+            generate_phantom_if_empty=True, phantom_subjects=200, layout=None, pixel_size_mm=None,
+            acouslic_labels="binary", acouslic_unlabeled_per_volume=24):
+    """Write PREPARED_DIR/datalist.json (and HC18's filled masks, extracted frames) from DATASET_DIR; prints its path.
 
-    LAYOUT: hc18, fugc, psfhs or generic (None detects it); PIXEL_SIZE_MM: for folder-layout PNG/JPG images.
+    LAYOUT: hc18, acouslic, fugc, psfhs, generic or dicom (None detects it); PIXEL_SIZE_MM: for folder-layout PNG/JPG
+    images; ACOUSLIC_LABELS: binary (any non-zero is the abdomen) or keep (1 optimal, 2 suboptimal: num_classes 3);
+    ACOUSLIC_UNLABELED_PER_VOLUME: frames without abdomen sampled per volume into the unlabelled pool.
     """
     return prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=labeled_fraction, seed=seed,
                            val_fraction=val_fraction, test_fraction=test_fraction,
                            generate_phantom_if_empty=generate_phantom_if_empty, phantom_subjects=phantom_subjects,
-                           layout=layout, pixel_size_mm=pixel_size_mm)
+                           layout=layout, pixel_size_mm=pixel_size_mm, acouslic_labels=acouslic_labels,
+                           acouslic_unlabeled_per_volume=acouslic_unlabeled_per_volume)
 
 
 def montage(dataset_dir, output_png, count=8):

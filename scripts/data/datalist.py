@@ -26,7 +26,13 @@ from tqdm import tqdm
 
 from ..files import IMAGE_SUFFIXES, write_atomic, write_json_atomic
 from .generic import LAYOUTS, detect_folder_layout, list_folder_layout
-from .hc18 import TRAINING_CSV_NAME, TRAINING_DIR_NAME, IMAGE_PATTERN, find_training_csv, list_hc18, load_hc18_mask
+from .acouslic import CSV_PATH as ACOUSLIC_CSV
+from .acouslic import IMAGES_DIR as ACOUSLIC_IMAGES
+from .acouslic import MASKS_DIR as ACOUSLIC_MASKS
+from .acouslic import extract_acouslic, is_acouslic
+from .dicom import find_dicoms, iter_dicoms, list_dicom_layout
+from .hc18 import (IMAGE_PATTERN, TRAINING_CSV_NAME, TRAINING_DIR_NAME, find_training_csv, list_hc18, list_hc18_test,
+                   load_hc18_mask)
 from .phantom import PHANTOM_MARKER_NAME, generate_phantom
 
 __all__ = ["DATALIST_VERSION", "split_subjects", "find_hc18_training_dir", "prepare_dataset"]
@@ -36,6 +42,13 @@ logger = logging.getLogger(__name__)
 DATALIST_VERSION = 1
 DATALIST_NAME = "datalist.json"
 LABELS_DIR_NAME = "labels"
+FRAMES_DIR_NAME = "frames"
+EXTRACTED_LAYOUTS = ("acouslic", "dicom")
+ALL_LAYOUTS = ("hc18", "acouslic", *LAYOUTS, "dicom")
+LAYOUT_HELP = (f"HC18's {TRAINING_DIR_NAME}/ (NNN_HC.png + NNN_HC_Annotation.png) with {TRAINING_CSV_NAME} beside or "
+               "inside it, or that folder itself; ACOUSLIC-AI's images/stacked_fetal_ultrasound/*.mha; images/ "
+               "[+ labels/] (generic); train/labeled_data/images (FUGC); image_mha/ + label_mha/ (PSFHS); or DICOM "
+               "files [+ labels/]")
 SPLIT_KEYS = ("labeled", "unlabeled", "validation", "test")
 
 
@@ -135,53 +148,63 @@ def _prepare_hc18(training_dir: Path, dataset_dir: Path, prepared_dir: Path, par
     items = list_hc18(training_dir, csv_path)  # checks images, annotations and CSV rows against each other
     if not items:
         raise ValueError(f"{training_dir}: no NNN_HC.png images listed")
+    test_items = list_hc18_test(training_dir)  # the challenge's test_set/: images and pixel sizes, no annotations
     datalist_path = prepared_dir / DATALIST_NAME
-    inputs = [csv_path] + [Path(i[k]) for i in items for k in ("image", "annotation")]
+    inputs = [csv_path] + [Path(i[k]) for i in items for k in ("image", "annotation")] + [Path(i["image"]) for i in test_items]
     fingerprint = _fingerprint({**params, "training_dir": str(training_dir), "prepared_dir": str(prepared_dir)}, inputs)
     if _reusable(datalist_path, fingerprint):
         logger.info("datalist is up to date: %s", datalist_path)
         return str(datalist_path)
 
-    split = split_subjects(items, params["labeled_fraction"], params["val_fraction"], params["test_fraction"],
-                           params["seed"])
+    split = _split(items, params)
     labels_dir = prepared_dir / LABELS_DIR_NAME
     labels_dir.mkdir(parents=True, exist_ok=True)
     to_fill = [item for key in ("labeled", "validation", "test") for item in split[key]]
-    datalist = {key: [] for key in SPLIT_KEYS}
     mask_of = {}
     for item in tqdm(to_fill, desc="filling HC18 outlines", unit="mask", disable=not progress):
         mask_path = labels_dir / f"{Path(item['image']).stem}_mask.png"
         _write_mask(Path(item["annotation"]), mask_path)
         mask_of[item["image"]] = str(mask_path.resolve())
+    entries = {}
     for key in SPLIT_KEYS:
+        entries[key] = []
         for item in split[key]:
             entry = {"image": item["image"]}
             if key != "unlabeled":
                 entry["label"] = mask_of[item["image"]]
             entry["pixel_size_mm"] = [item["pixel_size_mm"], item["pixel_size_mm"]]  # HC18 pixels are square
             entry["subject"] = item["subject"]
-            if key != "unlabeled" and item["hc_mm"] is not None:
+            if item["hc_mm"] is not None:
                 entry["hc_mm"] = item["hc_mm"]
-            datalist[key].append(entry)
-    counts = {key: len(datalist[key]) for key in SPLIT_KEYS}
-    counts["subjects"] = {key: len({i["subject"] for i in datalist[key]}) for key in SPLIT_KEYS}
-    datalist["meta"] = {
-        "layout": "hc18",
-        "labeled_fraction": params["labeled_fraction"],
-        "val_fraction": params["val_fraction"],
-        "test_fraction": params["test_fraction"],
-        "seed": params["seed"],
-        "num_classes": 2,
-        "source": str(dataset_dir.resolve()),
-        "counts": counts,
-        "fingerprint": fingerprint,
-        "version": DATALIST_VERSION,
-    }
+            entries[key].append(entry)
+    return _write_split("hc18", entries, [], 2, datalist_path, params, fingerprint, dataset_dir, test_items)
+
+
+def _split(labelled: list[dict], params: dict) -> dict:
+    return split_subjects(labelled, params["labeled_fraction"], params["val_fraction"], params["test_fraction"],
+                          params["seed"])
+
+
+def _write_split(layout: str, split: dict, extra: list[dict], num_classes: int, datalist_path: Path, params: dict,
+                 fingerprint: str, source: Path, predict: list[dict] | None = None) -> str:
+    """Write the datalist of a subject split (:func:`split_subjects`); ``extra`` (unlabelled-only items) joins the
+    unlabelled pool unless its subject is in validation or test. The split's unlabelled items lose their labels."""
+    held_out = {str(i["subject"]) for key in ("validation", "test") for i in split[key]}
+    datalist = {key: list(split[key]) for key in SPLIT_KEYS}
+    datalist["unlabeled"] = [{k: v for k, v in i.items() if k not in ("label", "hc_mm", "ac_mm")}
+                             for i in split["unlabeled"]] + [i for i in extra if str(i["subject"]) not in held_out]
+    if predict:
+        datalist["predict"] = predict
+    counts = {key: len(datalist[key]) for key in (*SPLIT_KEYS, "predict") if key in datalist}
+    counts["subjects"] = {key: len({str(i["subject"]) for i in datalist[key]}) for key in SPLIT_KEYS}
+    datalist["meta"] = {"layout": layout,
+                        **{k: params[k] for k in ("labeled_fraction", "val_fraction", "test_fraction", "seed")},
+                        "num_classes": num_classes, "source": str(source), "counts": counts,
+                        "fingerprint": fingerprint, "version": DATALIST_VERSION}
     write_json_atomic(datalist_path, datalist)
-    logger.info(
-        "datalist %s: %d labeled, %d unlabeled, %d validation, %d test images",
-        datalist_path, counts["labeled"], counts["unlabeled"], counts["validation"], counts["test"],
-    )
+    logger.info("datalist %s (%s layout, %d classes): %d labeled, %d unlabeled, %d validation, %d test images%s",
+                datalist_path, layout, num_classes, counts["labeled"], counts["unlabeled"], counts["validation"],
+                counts["test"], f", {counts['predict']} to predict" if predict else "")
     return str(datalist_path)
 
 
@@ -194,33 +217,63 @@ def _prepare_folder(layout: str, dataset_dir: Path, prepared_dir: Path, params: 
     if _reusable(datalist_path, fingerprint):
         logger.info("datalist is up to date: %s", datalist_path)
         return str(datalist_path)
-    split = split_subjects(labelled, params["labeled_fraction"], params["val_fraction"], params["test_fraction"],
-                           params["seed"])
-    datalist = {key: list(split[key]) for key in SPLIT_KEYS}
-    datalist["unlabeled"] = [{k: v for k, v in i.items() if k != "label"} for i in split["unlabeled"]] + extra
-    counts = {key: len(datalist[key]) for key in SPLIT_KEYS}
-    datalist["meta"] = {**{k: params[k] for k in ("layout", "labeled_fraction", "val_fraction", "test_fraction", "seed")},
-                        "num_classes": num_classes, "source": str(dataset_dir), "counts": counts,
-                        "fingerprint": fingerprint, "version": DATALIST_VERSION}
-    write_json_atomic(datalist_path, datalist)
-    logger.info("datalist %s (%s layout, %d classes): %d labeled, %d unlabeled, %d validation, %d test images",
-                datalist_path, layout, num_classes, counts["labeled"], counts["unlabeled"], counts["validation"],
-                counts["test"])
-    return str(datalist_path)
+    return _write_split(layout, _split(labelled, params), extra, num_classes, datalist_path, params, fingerprint, dataset_dir)
+
+
+def _prepare_extracted(layout: str, dataset_dir: Path, prepared_dir: Path, params: dict, options: dict,
+                       progress: bool) -> str:
+    """Datalist of a layout whose frames are extracted to PNGs first (ACOUSLIC-AI stacks, DICOM)."""
+    frames_dir = prepared_dir / FRAMES_DIR_NAME
+    if layout == "acouslic":
+        sources = sorted((dataset_dir / ACOUSLIC_IMAGES).glob("*.mha")) + sorted((dataset_dir / ACOUSLIC_MASKS).glob("*.mha"))
+        sources += [dataset_dir / ACOUSLIC_CSV] if (dataset_dir / ACOUSLIC_CSV).is_file() else []
+    else:
+        sources = find_dicoms(dataset_dir)
+    fingerprint = _fingerprint({**params, **options, "prepared_dir": str(prepared_dir)}, sources)
+    datalist_path = prepared_dir / DATALIST_NAME
+    if _reusable(datalist_path, fingerprint):
+        logger.info("datalist is up to date: %s", datalist_path)
+        return str(datalist_path)
+    if layout == "acouslic":
+        labelled, extra, num_classes = extract_acouslic(
+            dataset_dir, frames_dir / "acouslic" / options["acouslic_labels"], labels=options["acouslic_labels"],
+            unlabeled_per_volume=options["acouslic_unlabeled_per_volume"], progress=progress)
+    else:
+        labelled, extra, num_classes = list_dicom_layout(dataset_dir, frames_dir / "dicom")
+    if len(labelled) < 3:
+        raise ValueError(f"{dataset_dir}: {len(labelled)} labelled frame(s); at least 3 are needed "
+                         "(training, validation, test)" + ("" if layout == "acouslic" else
+                                                           f" (masks go in {dataset_dir / 'labels'}/<frame name>.png)"))
+    return _write_split(layout, _split(labelled, params), extra, num_classes, datalist_path, params, fingerprint, dataset_dir)
+
+
+def _detect_layout(dataset_dir: Path) -> str | None:
+    if find_hc18_training_dir(dataset_dir) is not None:
+        return "hc18"
+    if is_acouslic(dataset_dir):
+        return "acouslic"
+    folder = detect_folder_layout(dataset_dir)
+    if folder is not None:
+        return folder
+    return "dicom" if any(True for _ in iter_dicoms(dataset_dir)) else None
 
 
 def prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, val_fraction=0.1, test_fraction=0.2,
                     generate_phantom_if_empty=True, phantom_subjects=200, phantom_image_size=(800, 540),
-                    phantom_seed=0, progress=True, layout=None, pixel_size_mm=None) -> str:
-    """Make `<prepared_dir>/datalist.json` (and filled masks in `<prepared_dir>/labels/`) from `dataset_dir`.
+                    phantom_seed=0, progress=True, layout=None, pixel_size_mm=None, acouslic_labels="binary",
+                    acouslic_unlabeled_per_volume=24) -> str:
+    """Make `<prepared_dir>/datalist.json` (and masks or extracted frames under `prepared_dir`) from `dataset_dir`.
 
-    Recognised layouts (``layout`` None detects them in this order): ``hc18`` (`training_set/` + its CSV beside or
-    inside it, or the training_set folder itself), then the folder layouts of :mod:`scripts.data.generic`:
-    ``fugc``, ``psfhs``, ``generic`` (`images/` + `labels/`). ``pixel_size_mm`` is the pixel size of folder-layout
-    images whose format carries none (PNG, JPG).
-    A missing or image-free `dataset_dir` gets a synthetic HC18-like phantom when `generate_phantom_if_empty`.
-    Re-runs with the same inputs and parameters reuse the datalist. Nothing in `dataset_dir` is modified
-    (except writing the phantom into an empty one). Returns the datalist path.
+    Layouts (``layout`` None detects them in this order): ``hc18`` (`training_set/` + its CSV beside or inside it,
+    or the training_set folder itself; a `test_set/` beside it becomes the datalist's ``predict`` list),
+    ``acouslic`` (ACOUSLIC-AI stacks, :mod:`scripts.data.acouslic`; ``acouslic_labels`` "binary" or "keep",
+    ``acouslic_unlabeled_per_volume`` empty frames sampled per volume), the folder layouts of
+    :mod:`scripts.data.generic` (``fugc``, ``psfhs``, ``generic`` `images/` + `labels/`; ``pixel_size_mm`` for
+    PNG/JPG images, which carry none), and ``dicom`` (DICOM files at any depth, masks in `labels/`,
+    :func:`scripts.data.dicom.list_dicom_layout`).
+    A missing or empty `dataset_dir` gets a synthetic HC18-like phantom when `generate_phantom_if_empty`.
+    Re-runs with the same inputs and parameters reuse the datalist (and extracted frames). Nothing in `dataset_dir`
+    is modified (except writing the phantom into an empty one). Returns the datalist path.
     """
     dataset_dir = Path(dataset_dir).expanduser()
     prepared_dir = Path(prepared_dir).expanduser().resolve()
@@ -238,35 +291,26 @@ def prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, va
     if marker.is_file() and generate_phantom_if_empty:  # a phantom written here earlier: finish it if interrupted
         phantom_params = json.loads(marker.read_text())["params"]
         generate_phantom(dataset_dir, **phantom_params, progress=progress)
-    if layout is not None and layout != "hc18" and layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}: expected hc18, {', '.join(LAYOUTS)} or None to detect it")
-    folder_layout = layout if layout in LAYOUTS else None
+    if layout is not None and layout not in ALL_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: expected {', '.join(ALL_LAYOUTS)} or None to detect it")
+    layout = layout or _detect_layout(dataset_dir)
     training_dir = find_hc18_training_dir(dataset_dir) if layout in (None, "hc18") else None
-    if layout is None and training_dir is None:
-        folder_layout = detect_folder_layout(dataset_dir)
-    if folder_layout is not None:
-        prepared_dir.mkdir(parents=True, exist_ok=True)
-        params = {"layout": folder_layout, "labeled_fraction": float(labeled_fraction),
-                  "val_fraction": float(val_fraction), "test_fraction": float(test_fraction), "seed": int(seed),
-                  "version": DATALIST_VERSION}
-        return _prepare_folder(folder_layout, dataset_dir, prepared_dir, params, pixel_size_mm)
-    if training_dir is None and not _holds_images(dataset_dir):
+    if layout in (None, "hc18") and training_dir is None and not _holds_images(dataset_dir):
         if not generate_phantom_if_empty:
-            raise ValueError(
-                f"cannot recognise the dataset layout in {dataset_dir}: it holds no images (expected HC18's "
-                f"{TRAINING_DIR_NAME}/ with NNN_HC.png, NNN_HC_Annotation.png and {TRAINING_CSV_NAME})"
-            )
+            raise ValueError(f"cannot recognise the dataset layout in {dataset_dir}: it holds no images ({LAYOUT_HELP})")
         logger.info("%s holds no images: generating a %d-subject phantom there", dataset_dir, phantom_subjects)
         training_dir = generate_phantom(dataset_dir, num_subjects=phantom_subjects, image_size=phantom_image_size,
                                         seed=phantom_seed, progress=progress)
-    if training_dir is None:
-        raise ValueError(
-            f"cannot recognise the dataset layout in {dataset_dir}: expected HC18's {TRAINING_DIR_NAME}/ folder "
-            f"(NNN_HC.png + NNN_HC_Annotation.png) with {TRAINING_CSV_NAME} beside or inside it, "
-            "or that folder itself; or images/ [+ labels/] (generic), train/labeled_data/images (FUGC), "
-            "image_mha/ + label_mha/ (PSFHS)"
-        )
+        layout = "hc18"
+    if layout is None or (layout == "hc18" and training_dir is None):
+        raise ValueError(f"cannot recognise the dataset layout in {dataset_dir}: expected {LAYOUT_HELP}")
     prepared_dir.mkdir(parents=True, exist_ok=True)
-    params = {"layout": "hc18", "labeled_fraction": float(labeled_fraction), "val_fraction": float(val_fraction),
+    params = {"layout": layout, "labeled_fraction": float(labeled_fraction), "val_fraction": float(val_fraction),
               "test_fraction": float(test_fraction), "seed": int(seed), "version": DATALIST_VERSION}
-    return _prepare_hc18(training_dir, dataset_dir, prepared_dir, params, progress)
+    if layout == "hc18":
+        return _prepare_hc18(training_dir, dataset_dir, prepared_dir, params, progress)
+    if layout in EXTRACTED_LAYOUTS:
+        options = {"acouslic_labels": acouslic_labels,
+                   "acouslic_unlabeled_per_volume": int(acouslic_unlabeled_per_volume)} if layout == "acouslic" else {}
+        return _prepare_extracted(layout, dataset_dir, prepared_dir, params, options, progress)
+    return _prepare_folder(layout, dataset_dir, prepared_dir, params, pixel_size_mm)

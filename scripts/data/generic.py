@@ -21,7 +21,7 @@ from PIL import Image
 from ..files import IMAGE_SUFFIXES, image_stem
 from ..metrics import pixel_size_pair, user_pixel_size
 
-__all__ = ["LAYOUTS", "detect_folder_layout", "list_folder_layout", "read_header", "read_label"]
+__all__ = ["LAYOUTS", "check_label", "detect_folder_layout", "list_folder_layout", "read_header", "read_label"]
 
 LAYOUTS = {
     # name: (labelled image folder, label folder, unlabelled-only image folder or None)
@@ -104,7 +104,7 @@ def read_label(path: Path) -> np.ndarray:
     return array
 
 
-def _check_label(label_path: Path, image_path: Path, image_size: tuple[int, ...]) -> int:
+def check_label(label_path: Path, image_path: Path, image_size: tuple[int, ...]) -> int:
     """Validate one label against its image's size; returns its largest class index."""
     label = read_label(label_path)
     if tuple(label.shape) != tuple(image_size):
@@ -152,7 +152,7 @@ def list_folder_layout(dataset_dir, layout: str, pixel_size_mm=None) -> tuple[li
     for stem, path in images.items():
         entry, size = item(stem, path)
         if stem in labels:
-            max_class = max(max_class, _check_label(labels[stem], path, size))
+            max_class = max(max_class, check_label(labels[stem], path, size))
             entry["label"] = str(labels[stem].resolve())
             labelled.append(entry)
         else:

@@ -12,6 +12,7 @@ Annotations are one-pixel ellipse OUTLINES (0/255), not filled masks; `fill_outl
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "load_hc18_mask",
     "find_training_csv",
     "list_hc18",
+    "list_hc18_test",
     "subject_of",
 ]
 
@@ -42,6 +44,7 @@ TRAINING_CSV_NAME = "training_set_pixel_size_and_HC.csv"
 TRAINING_CSV_HEADER = ("filename", "pixel size(mm)", "head circumference (mm)")
 TEST_CSV_NAME = "test_set_pixel_size.csv"
 TEST_CSV_HEADER = ("filename", "pixel size(mm)")
+TEST_DIR_NAME = "test_set"
 
 IMAGE_PATTERN = re.compile(r"^(?P<subject>\d+)_(?P<repeat>\d*)HC\.png$")
 ANNOTATION_SUFFIX = "_Annotation.png"
@@ -171,4 +174,33 @@ def list_hc18(training_dir, csv_path=None) -> list[dict]:
                 "hc_mm": row["hc_mm"],
             }
         )
+    return items
+
+
+def list_hc18_test(training_dir) -> list[dict]:
+    """The challenge's ``test_set/`` beside ``training_dir`` as ``{image, subject[, pixel_size_mm]}`` items (no
+    annotations exist); [] when there is none. Pixel sizes come from ``test_set_pixel_size.csv`` beside or inside it.
+    """
+    test_dir = Path(training_dir).parent / TEST_DIR_NAME
+    if not test_dir.is_dir():
+        return []
+    csv_path = next((c for c in (test_dir.parent / TEST_CSV_NAME, test_dir / TEST_CSV_NAME) if c.is_file()), None)
+    rows = read_hc18_csv(csv_path) if csv_path is not None else {}
+    if csv_path is None:
+        logging.getLogger(__name__).warning("%s: no %s beside or inside it: test predictions will be in pixels",
+                                            test_dir, TEST_CSV_NAME)
+    images = sorted(p for p in test_dir.iterdir() if IMAGE_PATTERN.match(p.name))
+    if csv_path is not None:
+        missing = sorted(set(rows) - {p.name for p in images})
+        if missing:
+            raise ValueError(f"{csv_path} lists {len(missing)} image(s) missing from {test_dir}: {', '.join(missing[:5])}")
+        unlisted = [p.name for p in images if p.name not in rows]
+        if unlisted:
+            raise ValueError(f"{test_dir / unlisted[0]}: no row for it in {csv_path}")
+    items = []
+    for image in images:
+        item = {"image": str(image.resolve()), "subject": subject_of(image.name)}
+        if image.name in rows:
+            item["pixel_size_mm"] = [rows[image.name]["pixel_size_mm"]] * 2
+        items.append(item)
     return items

@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
@@ -66,7 +67,8 @@ class BestModelPublisher:
         metric = self._key_metric()
         if metric > self.best_metric:
             self.best_metric, self.best_iteration = metric, self.trainer.state.iteration
-            atomic_torch_save(self.network.state_dict(), self.best_path)
+            if idist.get_rank() == 0:  # distributed: the metric is gathered, every rank agrees; one writes
+                atomic_torch_save(self.network.state_dict(), self.best_path)
             logger.info(f"new best {self.evaluator.state.key_metric_name} {metric:.4f} at iteration {self.best_iteration}")
 
     def _existing_score(self) -> float | None:
@@ -89,7 +91,7 @@ class BestModelPublisher:
             self.network.load_state_dict(current)
 
     def _on_completed(self, _: Engine) -> None:
-        if not self.best_path.exists():
+        if self.best_iteration < 0:
             logger.warning(f"no validation ran after iteration {self.start_iteration}: {self.model_path} left as it was")
             return
         name = self.evaluator.state.key_metric_name
@@ -99,6 +101,8 @@ class BestModelPublisher:
                 f"kept {self.model_path}: its {name} {existing:.4f} beats this run's best {self.best_metric:.4f}; "
                 f"this run's best model is at {self.best_path}"
             )
+            return
+        if idist.get_rank() != 0:
             return
         with open(self.best_path, "rb") as src:
             write_atomic(self.model_path, lambda f: shutil.copyfileobj(src, f), binary=True)

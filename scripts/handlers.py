@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -333,6 +334,8 @@ class TrainingCurves:
         self.write()
 
     def write(self) -> None:
+        if idist.get_rank() != 0:  # distributed: rank 0 writes the curves
+            return
         if self.validation:
             fields = list(self.validation[0])
 

@@ -18,6 +18,8 @@ from monai.engines import Trainer
 from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
+from torch.nn import DataParallel
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from scripts.losses import (
@@ -29,11 +31,16 @@ from scripts.losses import (
     sigmoid_rampup_weight,
 )
 
-__all__ = ["SemiSupervisedLoader", "DualNetworkTrainer", "TrainingProgressBar", "loss_terms"]
+__all__ = ["SemiSupervisedLoader", "DualNetworkTrainer", "TrainingProgressBar", "loss_terms", "unwrap"]
 
 # keys of engine.state.output besides MONAI's image/label/pred/loss
 LOSS_TERMS = ("sup_a", "sup_b", "cps_a", "cps_b", "ict", "mt", "kl", "mig", "divergence",
               "w_cps", "w_ict", "w_mt", "w_div", "lr")
+
+
+def unwrap(network: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The module inside a DistributedDataParallel (or DataParallel) wrapper; any other network as it is."""
+    return network.module if isinstance(network, (DistributedDataParallel, DataParallel)) else network
 
 
 class SemiSupervisedLoader:
@@ -88,7 +95,12 @@ class DualNetworkTrainer(Trainer):
     every w ramped up by ``w(t) = W exp(-5 (1 - min(t // r, L) / L)^2)``; ICT is 0 for the first
     ``ict_warmup_iterations``. A runs once on x; B runs once on cat(x, ICT mix); the teacher (eval mode, no grad)
     runs once on x_u. One backward of the summed loss, both optimisers step, then
-    teacher = alpha teacher + (1 - alpha) S with alpha = min(1 - 1 / (t + 1), ema_max_alpha), S the student.
+    teacher = alpha teacher + (1 - alpha) S with alpha = min(1 - 1 / (t + 1), ema_max_alpha), S the student
+    (its parameters and floating-point buffers: the teacher's batch-norm statistics follow the student's).
+
+    Distributed: the students may be DistributedDataParallel modules (``configs/multi_gpu_train.json``); the
+    teacher is a copy of the wrapped module, updated from the synchronised student weights (parameters by DDP's
+    gradient all-reduce, buffers broadcast from rank 0 after each step), hence identical on every rank.
 
     The EMA teacher belongs to the student ``teacher_of`` ("b", the Swin-Unet, in the paper's method; "a" for the
     single-UNeXt baselines). Its consistency terms: ICT as above (the mix joins the student's one forward), and
@@ -178,12 +190,16 @@ class DualNetworkTrainer(Trainer):
         # the EMA teacher of the student, kept only when a consistency term uses it
         self.teacher: torch.nn.Module | None = None
         if ict_weight > 0 or mt_weight > 0:
-            student = network_a if teacher_of == "a" else network_b
+            student = unwrap(network_a if teacher_of == "a" else network_b)  # DDP: the teacher copies its module
             self.teacher = copy.deepcopy(student).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
-            # parameter lists for one fused EMA update per iteration
-            self._ema_pairs = (list(self.teacher.parameters()), list(student.parameters()))
+            # floating-point tensors (parameters and buffers such as batch-norm running statistics, which the
+            # teacher uses in eval mode) for one fused EMA update per iteration; integer buffers are copied
+            pairs = list(zip(self.teacher.state_dict().values(), student.state_dict().values()))
+            floats = [(t, s) for t, s in pairs if t.is_floating_point()]
+            self._ema_pairs = ([t for t, _ in floats], [s for _, s in floats])
+            self._copied = [(t, s) for t, s in pairs if not t.is_floating_point()]
 
     def run(self) -> None:  # type: ignore[override]
         """Run (or continue) training. bf16 autocast needs no gradient scaler, so MONAI's CUDA scaler is not made."""
@@ -202,10 +218,21 @@ class DualNetworkTrainer(Trainer):
         return batch[key].to(self.state.device, non_blocking=self.non_blocking)
 
     @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Distributed: give every rank rank 0's buffers (batch-norm statistics) after the step, as DDP would at the
+        next forward, so that validation, checkpoints and the EMA teacher see one model on every rank."""
+        for network in (self.network_a, self.network_b):
+            if isinstance(network, DistributedDataParallel) and network.broadcast_buffers:
+                for buffer in network.module.buffers():
+                    torch.distributed.broadcast(buffer, src=0)
+
+    @torch.no_grad()
     def update_teacher(self, iteration: int) -> None:
         """teacher = alpha teacher + (1 - alpha) student, alpha = min(1 - 1 / (t + 1), ema_max_alpha)."""
         alpha = ema_alpha(iteration, self.ema_max_alpha)
         torch._foreach_lerp_(self._ema_pairs[0], self._ema_pairs[1], 1.0 - alpha)
+        for teacher, student in self._copied:
+            teacher.copy_(student)
 
     def _iteration(self, engine: DualNetworkTrainer, batchdata: dict[str, Any]) -> dict:
         if batchdata is None:
@@ -287,6 +314,7 @@ class DualNetworkTrainer(Trainer):
         self.optimizer_a.step()
         if self.optimizer_b is not None:
             self.optimizer_b.step()
+        self.sync_buffers()
         if self.teacher is not None:
             self.update_teacher(t)
 

@@ -237,3 +237,20 @@ def test_resume_continues_iterations_and_optimiser_state(tmp_path):
 def test_loader_errors_name_the_problem():
     with pytest.raises(ValueError, match="2 labelled images for a labelled batch of 4"):
         SemiSupervisedLoader(DataLoader([{"image": torch.zeros(1)}] * 2, batch_size=4, drop_last=True))
+
+
+def test_teacher_follows_the_students_batch_norm_statistics():
+    """The teacher runs in eval mode, so its BN running statistics must be the EMA of the student's, not the init."""
+    a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    trainer = DualNetworkTrainer(device="cpu", max_epochs=1, epoch_length=2, train_data_loader=make_loaders(),
+                                 network_a=a, optimizer_a=opt, cps_weight=0.0, ict_weight=0.0, divergence_weight=0.0,
+                                 mt_weight=1.0, teacher_of="a")
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(
+        (a[1].running_mean.clone(), e.teacher[1].running_mean.clone(), e.teacher[1].num_batches_tracked.clone())))
+    trainer.run()
+    (s0, t0, n0), (s1, t1, n1) = seen
+    assert torch.equal(t0, s0) and s0.abs().sum() > 0  # t = 0: alpha 0, the teacher takes the student's statistics
+    assert torch.allclose(t1, 0.5 * t0 + 0.5 * s1)  # t = 1: alpha 0.5
+    assert int(n1) == int(a[1].num_batches_tracked) == 2 * 1  # integer buffers are copied (one forward per iteration)

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
@@ -274,7 +275,29 @@ def prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, va
     A missing or empty `dataset_dir` gets a synthetic HC18-like phantom when `generate_phantom_if_empty`.
     Re-runs with the same inputs and parameters reuse the datalist (and extracted frames). Nothing in `dataset_dir`
     is modified (except writing the phantom into an empty one). Returns the datalist path.
+    Distributed (torchrun): rank 0 prepares while the other ranks wait, then they reuse its datalist.
     """
+    args = dict(dataset_dir=dataset_dir, prepared_dir=prepared_dir, labeled_fraction=labeled_fraction, seed=seed,
+                val_fraction=val_fraction, test_fraction=test_fraction,
+                generate_phantom_if_empty=generate_phantom_if_empty, phantom_subjects=phantom_subjects,
+                phantom_image_size=phantom_image_size, phantom_seed=phantom_seed, progress=progress, layout=layout,
+                pixel_size_mm=pixel_size_mm, acouslic_labels=acouslic_labels,
+                acouslic_unlabeled_per_volume=acouslic_unlabeled_per_volume)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed:
+        return _prepare_dataset(**args)
+    if dist.get_rank() == 0:
+        try:
+            return _prepare_dataset(**args)
+        finally:  # the others go on (and meet the same error, if any) once rank 0 is done
+            dist.barrier()
+    dist.barrier()
+    return _prepare_dataset(**{**args, "progress": False})
+
+
+def _prepare_dataset(dataset_dir, prepared_dir, labeled_fraction, seed, val_fraction, test_fraction,
+                     generate_phantom_if_empty, phantom_subjects, phantom_image_size, phantom_seed, progress, layout,
+                     pixel_size_mm, acouslic_labels, acouslic_unlabeled_per_volume) -> str:
     dataset_dir = Path(dataset_dir).expanduser()
     prepared_dir = Path(prepared_dir).expanduser().resolve()
     if not dataset_dir.exists():

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from scripts.networks import SwinUnet, UNeXt
+from scripts.onnx_network import export_onnx, onnx_session
 from scripts.trainer import DualNetworkTrainer, SemiSupervisedLoader
 
 __all__ = ["iteration_times", "inference_times", "median_ms"]
@@ -117,17 +118,6 @@ def inference_times(run: Callable[[], object], runs: int = 20, warmup: int = 3,
 
 def median_ms(times: Sequence[float]) -> float:
     return 1000.0 * statistics.median(times)
-
-
-def _onnx_session(model: torch.nn.Module, x: torch.Tensor, path: Path, threads: int):
-    import onnxruntime as ort
-
-    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["image"],
-                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def pipeline_report(work: Path, n_images: int, runs: int, input_dir: str | None, model: str | None) -> dict:
@@ -255,7 +245,7 @@ class Benchmarks:
                 x = torch.rand(1, 3, size, size)
                 net = UNeXt().eval()
                 scripted = torch.jit.freeze(torch.jit.trace(net, x))
-                sess = _onnx_session(net, x, Path(tmp) / f"unext{size}.onnx", threads)
+                sess = onnx_session(export_onnx(net, x, Path(tmp) / f"unext{size}.onnx"), threads)
                 feed = {"image": x.numpy()}
                 rows = [("UNeXt eager", lambda: net(x)), ("UNeXt TorchScript", lambda: scripted(x)),
                         ("UNeXt ONNX Runtime", lambda: sess.run(None, feed))]

@@ -1,8 +1,10 @@
-"""Inference helpers for ``configs/inference.json``: the input listing (with pixel sizes), measurements, overlays."""
+"""Inference helpers for ``configs/inference.json``: the model file of the chosen backend, the input listing (with
+pixel sizes), measurements, overlays."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,14 +20,35 @@ from scripts.biometry import HC18_SUBMISSION_COLUMNS, MEASUREMENT_COLUMNS, fit_e
 from scripts.data.hc18 import TEST_CSV_NAME, TRAINING_CSV_NAME, read_hc18_csv
 from scripts.files import IMAGE_SUFFIXES, image_stem, write_atomic, write_json_atomic
 from scripts.metrics import pixel_size_pair, user_pixel_size
+from scripts.onnx_network import ONNX_EXPORT_COMMAND
+from scripts.settings import require_file
 from scripts.transforms import channel_argmax
 
-__all__ = ["list_images", "overlay_rgb", "OverlayWriter", "MeasurementWriter"]
+__all__ = ["BACKENDS", "require_model", "list_images", "overlay_rgb", "OverlayWriter", "MeasurementWriter"]
+
+#: how configs/inference.json runs the network: the eager UNeXt from models/model.pt, or the exported ONNX model
+BACKENDS = ("torch", "onnxruntime")
+
+logger = logging.getLogger(__name__)
 
 # annotation and output files that sit beside images in the supported layouts and are not inputs
 NOT_INPUTS = ("_Annotation.png", "_mask.png", "_overlay.png")
 # one colour per foreground class (RGB): green, magenta, cyan, yellow
 CLASS_COLOURS = np.array([[0, 230, 64], [230, 0, 200], [0, 200, 230], [240, 220, 0]], dtype=np.float32)
+
+
+def require_model(backend: str, ckpt_file: str, onnx_path: str) -> str:
+    """The model file ``backend`` runs (``ckpt_file`` for torch, ``onnx_path`` for onnxruntime); a clear error if it
+    is missing or the backend unknown, and a warning if the ONNX file is older than the checkpoint it came from."""
+    if backend not in BACKENDS:
+        raise ValueError(f"config value backend={backend!r} is invalid: one of {', '.join(BACKENDS)}")
+    if backend == "onnxruntime":
+        require_file(onnx_path, f"the ONNX model: export it first with: {ONNX_EXPORT_COMMAND}")
+        if Path(ckpt_file).is_file() and Path(ckpt_file).stat().st_mtime > Path(onnx_path).stat().st_mtime:
+            logger.warning(f"{onnx_path} is older than {ckpt_file}: export it again if the model was retrained "
+                           f"({ONNX_EXPORT_COMMAND})")
+        return onnx_path
+    return require_file(ckpt_file, "the trained model: run configs/train.json first")
 
 
 def list_images(input_dir: str, suffixes: Sequence[str] = IMAGE_SUFFIXES, pixel_size_mm: Any = None,

@@ -120,8 +120,9 @@ class DualNetworkTrainer(Trainer):
             defaults to the whole run, as the paper's schedule does.
         ict_warmup_iterations: iterations before ICT starts (1000 in the paper). ict_alpha: Beta(a, a) mixing.
         ema_max_alpha: the cap on the EMA decay (0.99).
-        amp: bf16 autocast of the forward passes (no gradient scaler needed; native on AVX512-BF16/AMX CPUs and
-            recent GPUs); losses are computed in fp32.
+        amp: autocast of the forward passes in ``amp_dtype``; losses are computed in fp32.
+        amp_dtype: "bfloat16" (no gradient scaler needed; native on AVX512-BF16/AMX CPUs and Ampere or newer GPUs)
+            or "float16" (older GPUs: one GradScaler scales the summed loss and steps both optimisers).
     """
 
     def __init__(
@@ -147,6 +148,7 @@ class DualNetworkTrainer(Trainer):
         non_blocking: bool = False,
         train_handlers: Sequence | None = None,
         amp: bool = False,
+        amp_dtype: str = "bfloat16",
     ) -> None:
         super().__init__(
             device=device,
@@ -160,6 +162,12 @@ class DualNetworkTrainer(Trainer):
         )
         if not isinstance(amp, bool):
             raise ValueError(f"amp must be True or False, got {amp!r} (on the command line: --amp True)")
+        if amp_dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16', got {amp_dtype!r}")
+        self.amp_dtype = getattr(torch, amp_dtype)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        self.grad_scaler = (torch.amp.GradScaler(torch.device(device).type)
+                            if amp and amp_dtype == "float16" else None)
         if (network_b is None) != (optimizer_b is None):
             raise ValueError("network_b and optimizer_b must be given together")
         if teacher_of not in ("a", "b"):
@@ -202,7 +210,7 @@ class DualNetworkTrainer(Trainer):
             self._copied = [(t, s) for t, s in pairs if not t.is_floating_point()]
 
     def run(self) -> None:  # type: ignore[override]
-        """Run (or continue) training. bf16 autocast needs no gradient scaler, so MONAI's CUDA scaler is not made."""
+        """Run (or continue) training. MONAI's own CUDA scaler is not made: this trainer keeps ``grad_scaler``."""
         self.scaler = None
         Workflow.run(self)
 
@@ -258,7 +266,7 @@ class DualNetworkTrainer(Trainer):
         if b is not None:
             b.train()
         device_type = torch.device(engine.state.device).type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp):
             mixed = None
             if use_ict or use_mt:
                 teacher_in = []
@@ -309,11 +317,18 @@ class DualNetworkTrainer(Trainer):
         self.optimizer_a.zero_grad(set_to_none=True)
         if self.optimizer_b is not None:
             self.optimizer_b.zero_grad(set_to_none=True)
-        loss.backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        self.optimizer_a.step()
-        if self.optimizer_b is not None:
-            self.optimizer_b.step()
+        optimizers = [o for o in (self.optimizer_a, self.optimizer_b) if o is not None]
+        if self.grad_scaler is None:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            for optimizer in optimizers:
+                optimizer.step()
+        else:  # one scaler for the one summed loss: each step unscales its optimiser's gradients, skips on inf/NaN
+            self.grad_scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            for optimizer in optimizers:
+                self.grad_scaler.step(optimizer)
+            self.grad_scaler.update()
         self.sync_buffers()
         if self.teacher is not None:
             self.update_teacher(t)

@@ -254,3 +254,22 @@ def test_teacher_follows_the_students_batch_norm_statistics():
     assert torch.equal(t0, s0) and s0.abs().sum() > 0  # t = 0: alpha 0, the teacher takes the student's statistics
     assert torch.allclose(t1, 0.5 * t0 + 0.5 * s1)  # t = 1: alpha 0.5
     assert int(n1) == int(a[1].num_batches_tracked) == 2 * 1  # integer buffers are copied (one forward per iteration)
+
+
+def test_fp16_autocast_uses_one_gradient_scaler():
+    """amp_dtype float16: one GradScaler scales the summed loss and steps both optimisers; bf16 needs none."""
+    trainer, a, b = make_trainer(iterations=2, amp=True, amp_dtype="float16")
+    assert isinstance(trainer.grad_scaler, torch.amp.GradScaler) and trainer.amp_dtype is torch.float16
+    dtypes = []
+    a.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    before_a, before_b = params(a), params(b)
+    scales = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: scales.append(e.grad_scaler.get_scale()))
+    trainer.run()
+    assert dtypes == [torch.float16, torch.float16]  # the forward ran in fp16
+    assert len(scales) == 2 and all(0 < s < float("inf") for s in scales)
+    for before, net in ((before_a, a), (before_b, b)):  # both optimisers stepped through the scaler
+        assert any(not torch.equal(x, y) for x, y in zip(before, params(net)))
+    assert make_trainer(amp=True)[0].grad_scaler is None  # bf16 default
+    with pytest.raises(ValueError, match="amp_dtype must be"):
+        make_trainer(amp=True, amp_dtype="float8")

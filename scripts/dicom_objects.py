@@ -31,10 +31,12 @@ the Referenced Series Sequence. All SEGs of one source share one series; ``highd
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from hashlib import sha256
@@ -139,6 +141,37 @@ def _check_image(source: Dataset) -> None:
                          "only Ultrasound Image Storage and Ultrasound Multi-frame Image Storage")
 
 
+# type-2 patient/study attributes highdicom copies into every new object: empty when the source lacks them
+IDENTITY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+                     "ReferringPhysicianName", "StudyDate", "StudyTime")
+DATE_TIME = {"DA": (".", re.compile(r"^\d{8}$")), "TM": (":", re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$"))}
+
+
+def _conformant(source: Dataset) -> Dataset:
+    """``source``, or a copy of it that highdicom accepts: missing type-2 patient/study attributes present but empty
+    (never invented), legacy ACR-NEMA dates and times (``1997.04.24``, ``14:04:38``) in DICOM form, and any other
+    unparseable date or time emptied. The source file itself is never changed."""
+    fixes = {}
+    for keyword in IDENTITY_KEYWORDS:
+        if keyword not in source:
+            fixes[keyword] = ""
+    for element in source:
+        if element.VR in DATE_TIME and element.VM == 1 and element.value not in (None, ""):
+            separator, pattern = DATE_TIME[element.VR]
+            text = str(element.value).strip()
+            if not pattern.match(text):
+                cleaned = text.replace(separator, "")
+                fixes[element.keyword] = cleaned if pattern.match(cleaned) else ""
+    if not fixes:
+        return source
+    fixed = copy.deepcopy(source)
+    for keyword, value in fixes.items():
+        setattr(fixed, keyword, value)
+    logger.info("%s: made conformant for the derived objects (source unchanged): %s", _describe(source),
+                ", ".join(f"{k}={v!r}" for k, v in fixes.items()))
+    return fixed
+
+
 def _single_frame_view(source: Dataset) -> Dataset:
     """Metadata of ``source`` without pixels, presented as single-frame Ultrasound Image Storage for highdicom."""
     view = Dataset()
@@ -175,6 +208,7 @@ def build_segmentation(source: pydicom.Dataset, masks: dict[int, np.ndarray], st
     """
     _check_structure(structure)
     _check_image(source)
+    source = _conformant(source)
     name, cine, count = _describe(source), _is_cine(source), _frame_count(source)
     masks = {int(frame): mask for frame, mask in masks.items()}
     frames = sorted(masks) if frames is None else [int(f) for f in frames]
@@ -265,6 +299,7 @@ def build_measurement_report(source: pydicom.Dataset, segmentations: list[pydico
     """
     _check_structure(structure)
     _check_image(source)
+    source = _conformant(source)
     name, cine = _describe(source), _is_cine(source)
     measurements = {int(frame): row for frame, row in (measurements or {}).items()}  # JSON keys are strings
     frames = _measured_frames(measurements, name)

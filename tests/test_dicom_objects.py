@@ -236,3 +236,22 @@ def test_user_errors_name_the_file_and_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"test-SR\.dcm: not an image"):
         write_results(not_image, {0: np.zeros((2, 2), np.uint8)}, None, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_legacy_source_without_patient_attributes_gets_a_conformant_seg(tmp_path):
+    """ExplVR_BigEnd.dcm lacks PatientID/BirthDate/Sex/StudyID/... and has ACR-NEMA dates (1997.04.24, 14:04:38):
+    the SEG copies what exists, leaves the missing type-2 attributes empty (never invented), writes the dates in
+    DICOM form, and the source file is untouched."""
+    path = get_testdata_file("ExplVR_BigEnd.dcm")
+    before = Path(path).read_bytes()
+    source = pydicom.dcmread(path)
+    assert "PatientID" not in source and str(source.StudyTime) == "14:04:38"
+    mask = np.zeros((source.Rows, source.Columns), np.uint8)
+    mask[20:40, 20:50] = 1
+    seg_path, = write_results(path, {0: mask}, {}, tmp_path, model_id="m")
+    seg = hd.seg.segread(seg_path)
+    assert (seg.StudyDate, seg.StudyTime) == ("19970424", "140438")
+    assert seg.PatientID == "" and seg.PatientBirthDate == "" and seg.PatientName == source.PatientName
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert np.array_equal(pydicom.dcmread(seg_path).pixel_array, mask)  # one BINARY frame: the mask itself
+    assert Path(path).read_bytes() == before

@@ -48,16 +48,19 @@ def test_two_process_gloo_training_keeps_ranks_in_step(tmp_path):
 
 
 def test_only_logging_handlers_are_disabled_on_other_ranks():
-    """multi_gpu_train.json disables handlers by their ids: those ids must be the rank-0-only logging handlers, so
-    that the ValidationHandler and the LR schedulers run on every rank (else DDP hangs in the metric gather)."""
+    """Rank-0-only handlers are switched off by name (the ``log_on_this_rank`` flag), not by list position: MONAI
+    Label inserts handlers at the front of train#handlers, and disabling by index would then hit the
+    ValidationHandler on ranks > 0 (DDP hangs in the metric gather)."""
     import json
 
     train = json.loads((ROOT / "configs" / "train.json").read_text())
     multi = json.loads((ROOT / "configs" / "multi_gpu_train.json").read_text())
-    disabled = [k.removesuffix("#_disabled_") for k in multi if k.endswith("#_disabled_")]
-    targets = {}
-    for key in disabled:
-        section, _, index = key.split("#")
-        targets[key] = train[section]["handlers"][int(index)]["_target_"]
-    assert set(targets.values()) == {"scripts.trainer.TrainingProgressBar", "StatsHandler", "TensorBoardStatsHandler"}
-    assert len(targets) == 5
+    assert not [k for k in multi if "handlers" in k]  # no positional handler overrides
+    assert multi["log_on_this_rank"] == "$torch.distributed.get_rank() == 0"
+    flagged = [h["_target_"] for section in ("train", "validate") for h in train[section]["handlers"]
+               if h.get("_disabled_") == "$not @log_on_this_rank"]
+    assert sorted(flagged) == sorted(["scripts.trainer.TrainingProgressBar", "StatsHandler", "TensorBoardStatsHandler",
+                                      "StatsHandler", "TensorBoardStatsHandler"])
+    others = [h["_target_"] for section in ("train", "validate") for h in train[section]["handlers"]
+              if "log_on_this_rank" not in str(h.get("_disabled_", ""))]
+    assert "ValidationHandler" in others and others.count("LrScheduleHandler") == 2

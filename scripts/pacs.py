@@ -274,21 +274,12 @@ def _infer_all(bundle_root, study_dir: Path, sources: dict[str, list[dict]], sum
                progress: bool) -> dict[str, dict]:
     """Measurement rows by frame PNG name for every source that went through inference.
 
-    Each frame first goes through the config's ``preprocessing`` alone, so that a frame the network cannot take
-    (too small, unreadable) fails only its source; then one run over every remaining frame. Should that run still
-    fail, each source runs on its own so that only the failing one is reported. Failed sources are emptied.
+    One run over every frame of the study; should it fail (a frame the network cannot take: too small, unreadable),
+    each source runs on its own so that only the failing one is reported. Failed sources are emptied.
     """
     from scripts.inference import MeasurementWriter
 
     input_dir, output_dir = study_dir / "input", study_dir / "output"
-    preprocessing = inference_parser(bundle_root, input_dir, output_dir, []).get_parsed_content("preprocessing")
-    for sop, items in sources.items():
-        try:
-            for item in items:
-                preprocessing(dict(item))
-        except Exception as error:  # noqa: BLE001 - reported per source
-            _fail(summary, study, sop, "inference", error)
-            sources[sop] = []
     every = [item for items in sources.values() for item in items]
     if not every:
         return {}

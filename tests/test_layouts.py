@@ -319,3 +319,22 @@ def test_hc18_test_set_becomes_the_predict_list(tmp_path):
     (test_dir / "003_HC.png").write_bytes((test_dir / "000_HC.png").read_bytes())
     with pytest.raises(ValueError, match=r"003_HC\.png: no row for it in .*test_set_pixel_size\.csv"):
         prepare_dataset(tmp_path / "hc18", tmp_path / "p", progress=False)
+
+
+def test_dicom_layout_sees_new_masks(tmp_path):
+    """The datalist is reused only while the DICOM files AND their masks are unchanged: a mask added later counts."""
+    from scripts.dicom_objects import phantom_ultrasound_dicom
+
+    data, rng = tmp_path / "export", np.random.default_rng(5)
+    (data / "labels").mkdir(parents=True)
+    labels = {}
+    for i in range(5):
+        image, labels[i] = blob_image_and_label(rng, 2)
+        phantom_ultrasound_dicom(image, 0.3, data / f"s{i}.dcm", patient_id=f"P{i}")
+    for i in range(4):
+        Image.fromarray(labels[i]).save(data / "labels" / f"s{i}.png")
+    first = json.loads(Path(prepare_dataset(data, tmp_path / "p", labeled_fraction=1.0)).read_text())
+    assert sum(len(first[k]) for k in ("labeled", "validation", "test")) == 4
+    Image.fromarray(labels[4]).save(data / "labels" / "s4.png")
+    second = json.loads(Path(prepare_dataset(data, tmp_path / "p", labeled_fraction=1.0)).read_text())
+    assert sum(len(second[k]) for k in ("labeled", "validation", "test")) == 5

@@ -228,8 +228,10 @@ def _prepare_extracted(layout: str, dataset_dir: Path, prepared_dir: Path, param
     if layout == "acouslic":
         sources = sorted((dataset_dir / ACOUSLIC_IMAGES).glob("*.mha")) + sorted((dataset_dir / ACOUSLIC_MASKS).glob("*.mha"))
         sources += [dataset_dir / ACOUSLIC_CSV] if (dataset_dir / ACOUSLIC_CSV).is_file() else []
-    else:
-        sources = find_dicoms(dataset_dir)
+    else:  # the DICOM files and their masks: a mask added or changed later makes a new datalist
+        labels_dir = dataset_dir / LABELS_DIR_NAME
+        dicoms = find_dicoms(dataset_dir, exclude=[labels_dir])
+        sources = dicoms + (sorted(labels_dir.glob("*.png")) if labels_dir.is_dir() else [])
     fingerprint = _fingerprint({**params, **options, "prepared_dir": str(prepared_dir)}, sources)
     datalist_path = prepared_dir / DATALIST_NAME
     if _reusable(datalist_path, fingerprint):
@@ -240,7 +242,7 @@ def _prepare_extracted(layout: str, dataset_dir: Path, prepared_dir: Path, param
             dataset_dir, frames_dir / "acouslic" / options["acouslic_labels"], labels=options["acouslic_labels"],
             unlabeled_per_volume=options["acouslic_unlabeled_per_volume"], progress=progress)
     else:
-        labelled, extra, num_classes = list_dicom_layout(dataset_dir, frames_dir / "dicom")
+        labelled, extra, num_classes = list_dicom_layout(dataset_dir, frames_dir / "dicom", labels_dir, dicoms)
     if len(labelled) < 3:
         raise ValueError(f"{dataset_dir}: {len(labelled)} labelled frame(s); at least 3 are needed "
                          "(training, validation, test)" + ("" if layout == "acouslic" else

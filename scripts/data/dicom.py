@@ -151,7 +151,7 @@ def _subject(ds, fallback: str) -> str:
     return fallback
 
 
-def list_dicom_layout(root, frames_dir, labels_dir=None) -> tuple[list[dict], list[dict], int]:
+def list_dicom_layout(root, frames_dir, labels_dir=None, files=None) -> tuple[list[dict], list[dict], int]:
     """(labelled items, unlabelled items, number of classes) of a DICOM file or folder (any depth) for training.
 
     Each frame becomes an item (a cine yields one per frame), exported once as ``frames_dir/<name>.png`` where the
@@ -169,7 +169,8 @@ def list_dicom_layout(root, frames_dir, labels_dir=None) -> tuple[list[dict], li
 
     root, frames_dir = Path(root), Path(frames_dir)
     labels_dir = Path(labels_dir) if labels_dir is not None else (root / "labels" if root.is_dir() else None)
-    files = find_dicoms(root, exclude=[labels_dir] if labels_dir is not None else [])
+    if files is None:  # the caller may have listed them already
+        files = find_dicoms(root, exclude=[labels_dir] if labels_dir is not None else [])
     if not files:
         raise ValueError(f"{root}: no DICOM files (.dcm or files with the DICM marker)")
     labelled, unlabelled, max_class = [], [], 0

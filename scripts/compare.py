@@ -38,15 +38,39 @@ __all__ = ["run_all", "summarise", "mean_std", "write_table"]
 logger = logging.getLogger(__name__)
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("dice", "hd95_mm", "asd_mm", "hd95_px", "asd_px")
+METRICS = ("dice", "hd95_mm", "asd_mm", "hd95_px", "asd_px", "hd95_medpy_grid_px", "asd_medpy_grid_px")
 FULLY_SUPERVISED = "fully_supervised"
 # every configs/methods/*.json, in the order the table lists them: baselines, then the method's ablations, then it
-METHODS = ("supervised", "fully_supervised", "mean_teacher", "ict_unext", "cps_two_unext", "cross_teaching", "no_cps",
+METHODS = ("supervised", "supervised_same_batch", "fully_supervised", "mean_teacher", "ict_unext", "cps_two_unext",
+           "cross_teaching", "no_cps",
            "no_ict", "no_divergence", "full")
 
 
-def run_name(method: str, fraction: float, seed: int) -> str:
-    return f"{method}__frac{fraction:g}__seed{seed}"
+def label_tag(labels: float | str) -> str:
+    """A labelled share as it appears in names: ``frac0.05`` for a fraction, ``n25`` for a count (given as "n25")."""
+    return labels if isinstance(labels, str) else f"frac{labels:g}"
+
+
+def label_text(labels: float | str) -> str:
+    """A labelled share as the tables show it: ``5%`` or ``25 images``."""
+    return f"{labels[1:]} images" if isinstance(labels, str) else f"{labels:.0%}"
+
+
+def _label_key(labels: float | str) -> tuple:
+    return (1, int(labels[1:])) if isinstance(labels, str) else (0, float(labels))
+
+
+def label_overrides(labels: float | str) -> dict:
+    """The config values of a labelled share: a fraction, or an exact count ("n25": ``labeled_count`` 25)."""
+    if isinstance(labels, str):
+        if not (labels.startswith("n") and labels[1:].isdigit()):
+            raise ValueError(f"a labelled count is written n<images>, e.g. n25; got {labels!r}")
+        return {"labeled_count": int(labels[1:])}
+    return {"labeled_fraction": float(labels)}
+
+
+def run_name(method: str, fraction: float | str, seed: int) -> str:
+    return f"{method}__{label_tag(fraction)}__seed{seed}"
 
 
 def _bundle(config_files: Sequence[Path], overrides: dict, log: Path, threads: int | None = None) -> None:
@@ -66,7 +90,7 @@ def _bundle(config_files: Sequence[Path], overrides: dict, log: Path, threads: i
 
 def prepared_dir(output_dir: Path, fraction: float, seed: int) -> Path:
     """The split of one (fraction, seed), shared by every method so that all see the same images."""
-    return output_dir / f"prepared_frac{fraction:g}_seed{seed}"
+    return output_dir / f"prepared_{label_tag(fraction)}_seed{seed}"
 
 
 def prepare_splits(output_dir: Path, keys: Sequence[tuple[float, int]], dataset_dir: str, overrides: dict) -> None:
@@ -74,9 +98,11 @@ def prepare_splits(output_dir: Path, keys: Sequence[tuple[float, int]], dataset_
     from scripts.data import prepare_dataset
 
     phantom = {k: overrides[k] for k in ("phantom_subjects", "phantom_image_size") if k in overrides}
+    split = {k: overrides[k] for k in ("max_train_images",) if k in overrides}
     for fraction, seed in keys:
-        prepare_dataset(dataset_dir, prepared_dir(output_dir, fraction, seed), labeled_fraction=fraction, seed=seed,
-                        generate_phantom_if_empty=bool(overrides.get("generate_phantom_if_empty", False)), **phantom)
+        prepare_dataset(dataset_dir, prepared_dir(output_dir, fraction, seed), seed=seed, **label_overrides(fraction),
+                        generate_phantom_if_empty=bool(overrides.get("generate_phantom_if_empty", False)), **phantom,
+                        **split)
 
 
 def train_and_evaluate(run_dir: Path, method: str, fraction: float, seed: int, dataset_dir: str,
@@ -88,7 +114,7 @@ def train_and_evaluate(run_dir: Path, method: str, fraction: float, seed: int, d
     configs = BUNDLE_ROOT / "configs"
     common = {"bundle_root": str(run_dir), "dataset_dir": dataset_dir, "seed": seed,
               "prepared_dir": str(prepared_dir(run_dir.parent, fraction, seed)), **overrides}
-    common["labeled_fraction"] = fraction
+    common.update(label_overrides(fraction))
     train = [configs / "train.json", *([Path(recipe).resolve()] if recipe else []), configs / "methods" / f"{method}.json"]
     start = time.perf_counter()
     _bundle(train, common, run_dir / "log.txt", threads)
@@ -98,12 +124,13 @@ def train_and_evaluate(run_dir: Path, method: str, fraction: float, seed: int, d
             "n_empty_predictions": summary["n_empty_predictions"], "wall_s": time.perf_counter() - start}
 
 
-def run_all(output_dir: str, methods: Sequence[str], fractions: Sequence[float], seeds: Sequence[int],
+def run_all(output_dir: str, methods: Sequence[str], fractions: Sequence[float | str], seeds: Sequence[int],
             dataset_dir: str | None = None, overrides: dict | None = None,
             runner: Callable[..., dict] = train_and_evaluate, workers: int = 1, threads: int | None = None,
             recipe: str | None = None) -> list[dict]:
     """Every (method, fraction, seed) not yet finished, ``workers`` at a time; returns all results (earlier ones too).
 
+    ``fractions``: labelled fractions (0.05) or exact labelled counts written ``"n25"`` (the paper's protocol).
     ``threads``: CPU threads per run (default: all cores for one worker, an equal share for several).
     """
     if recipe and not Path(recipe).is_file():
@@ -148,9 +175,10 @@ def summarise(results: Sequence[dict]) -> list[dict]:
     """One row per (method, fraction): n seeds and mean/std of each metric."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["method"], float(r["fraction"])), []).append(r)
+        label = r["fraction"] if isinstance(r["fraction"], str) else float(r["fraction"])
+        groups.setdefault((r["method"], label), []).append(r)
     rows = []
-    order = lambda kv: (kv[0][1], METHODS.index(kv[0][0]) if kv[0][0] in METHODS else len(METHODS), kv[0][0])  # noqa: E731
+    order = lambda kv: (_label_key(kv[0][1]), METHODS.index(kv[0][0]) if kv[0][0] in METHODS else len(METHODS), kv[0][0])  # noqa: E731
     for (method, fraction), runs in sorted(groups.items(), key=order):
         row = {"method": method, "fraction": fraction, "seeds": len(runs)}
         for metric in METRICS:
@@ -172,14 +200,15 @@ def write_table(rows: Sequence[dict], output_dir: str | Path) -> None:
             f.write(",".join("" if row.get(k) is None else str(row.get(k, "")) for k in fields) + "\n")
 
     write_atomic(out / "results.csv", write_csv)
-    lines = ["| method | labelled | seeds | Dice | HD95 (mm) | ASD (mm) | HD95 (px) | ASD (px) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | labelled | seeds | Dice | HD95 (mm) | ASD (mm) | HD95 (px) | ASD (px) | HD95 medpy (grid px) "
+             "| ASD medpy (grid px) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         cells = []
-        for metric, digits in zip(METRICS, (3, 2, 2, 1, 1)):
+        for metric, digits in zip(METRICS, (3, 2, 2, 1, 1, 2, 2)):
             mean = row.get(f"{metric}_mean")
             cells.append("n/a" if mean is None else f"{mean:.{digits}f} ± {row[f'{metric}_std']:.{digits}f}")
-        lines.append(f"| {row['method']} | {row['fraction']:.0%} | {row['seeds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['method']} | {label_text(row['fraction'])} | {row['seeds']} | " + " | ".join(cells) + " |")
     write_atomic(out / "results.md", lambda f: f.write("\n".join(lines) + "\n"))
 
 
@@ -190,7 +219,7 @@ def plot(results: Sequence[dict], rows: Sequence[dict], output_dir: str | Path) 
     from matplotlib.figure import Figure
 
     out = Path(output_dir)
-    fractions = sorted({r["fraction"] for r in rows})
+    fractions = sorted({r["fraction"] for r in rows}, key=_label_key)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig = Figure(figsize=(max(6, 1.2 * len(methods)), 4), dpi=110)
     ax = fig.subplots()
@@ -199,7 +228,7 @@ def plot(results: Sequence[dict], rows: Sequence[dict], output_dir: str | Path) 
         sel = {r["method"]: r for r in rows if r["fraction"] == fraction}
         xs = [i + j * width for i, m in enumerate(methods) if m in sel]
         ax.bar(xs, [sel[m]["dice_mean"] for m in methods if m in sel], width,
-               yerr=[sel[m]["dice_std"] for m in methods if m in sel], capsize=3, label=f"{fraction:.0%} labelled")
+               yerr=[sel[m]["dice_std"] for m in methods if m in sel], capsize=3, label=f"{label_text(fraction)} labelled")
     ax.set_xticks([i + width * (len(fractions) - 1) / 2 for i in range(len(methods))], methods, rotation=30, ha="right")
     ax.set(ylabel="test Dice (mean ± std over seeds)", ylim=(0, 1))
     ax.legend()
@@ -221,7 +250,7 @@ def plot(results: Sequence[dict], rows: Sequence[dict], output_dir: str | Path) 
                 its = sorted(set.intersection(*(set(c) for c in curves)))
                 ax.plot(its, [statistics.fmean(c[i] for c in curves) for i in its], color=f"C{colour % 10}",
                         linestyle="-" if colour < 10 else "--", label=f"{method} ({len(curves)} seeds)")
-        ax.set(title=f"{fraction:.0%} labelled", xlabel="iteration", ylabel="validation Dice (mean over seeds)",
+        ax.set(title=f"{label_text(fraction)} labelled", xlabel="iteration", ylabel="validation Dice (mean over seeds)",
                ylim=(0, 1))
         ax.legend(fontsize=7)
     fig.tight_layout()

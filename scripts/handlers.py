@@ -20,7 +20,7 @@ from monai.networks.utils import one_hot
 
 from scripts.biometry import fit_ellipse
 from scripts.files import write_atomic
-from scripts.metrics import pixel_size_pair, segmentation_metrics
+from scripts.metrics import paper_grid_metrics, pixel_size_pair, segmentation_metrics
 
 __all__ = ["MetricsWriter", "TrainingCurves", "write_atomic"]
 
@@ -115,6 +115,9 @@ class MetricsWriter:
         measure_circumference: add the circumference columns; reference_circumference_key: the item key(s) of a
             reference circumference in mm (HC18's ``hc_mm``, ACOUSLIC's ``ac_mm``; the first known one is used
             before the label's own ellipse; NaN is unknown).
+        grid_size: the network grid (``spatial_size``); when given, each row also holds the paper's definitions,
+            ``hd95_medpy_grid_px`` and ``asd_medpy_grid_px`` of the foreground on that grid
+            (:func:`scripts.metrics.paper_grid_metrics`).
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class MetricsWriter:
         plot: bool = True,
         measure_circumference: bool = True,
         reference_circumference_key: str | Sequence[str] | None = ("hc_mm", "ac_mm"),
+        grid_size: Sequence[int] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.num_classes = num_classes
@@ -142,6 +146,7 @@ class MetricsWriter:
         self.plot = plot
         self.measure_circumference = measure_circumference
         self.reference_circumference_key = reference_circumference_key
+        self.grid_size = tuple(grid_size) if grid_size is not None else None
         self.rows: list[dict[str, Any]] = []
 
     def attach(self, engine: Engine) -> None:
@@ -172,6 +177,8 @@ class MetricsWriter:
 
         row: dict[str, Any] = {"filename": filename}
         row.update({k: result[k] for k in METRIC_COLUMNS})
+        if self.grid_size is not None:
+            row.update(paper_grid_metrics(pred[1:].sum(0) > 0, label[1:].sum(0) > 0, self.grid_size))
         if self.measure_circumference:
             keys = self.reference_circumference_key
             keys = [keys] if isinstance(keys, str) or keys is None else keys

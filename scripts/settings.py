@@ -36,6 +36,8 @@ def check_training_settings(
     val_interval: int,
     weights: Mapping[str, float],
     uses_swin_unet: bool = True,
+    labeled_count: int | None = None,
+    max_train_images: int | None = None,
 ) -> bool:
     """Validate the training config's main values; raise ValueError naming the first bad one. Returns True."""
     if len(spatial_size) != 2 or any(not isinstance(s, int) or s <= 0 for s in spatial_size):
@@ -45,6 +47,11 @@ def check_training_settings(
         _fail("spatial_size", spatial_size, f"each side must be a multiple of {side} for the networks used")
     if not 0.0 < float(labeled_fraction) <= 1.0:
         _fail("labeled_fraction", labeled_fraction, "a fraction in (0, 1]")
+    for name, value in (("labeled_count", labeled_count), ("max_train_images", max_train_images)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            _fail(name, value, "a whole number >= 1, or null")
+    if labeled_count is not None and int(labeled_count) < int(labeled_batch_size):
+        _fail("labeled_count", labeled_count, f"at least the labelled batch ({labeled_batch_size})")
     if int(labeled_batch_size) < 1:
         _fail("labeled_batch_size", labeled_batch_size, "at least 1")
     for name, value in weights.items():

@@ -123,6 +123,9 @@ class DualNetworkTrainer(Trainer):
         amp: autocast of the forward passes in ``amp_dtype``; losses are computed in fp32.
         amp_dtype: "bfloat16" (no gradient scaler needed; native on AVX512-BF16/AMX CPUs and Ampere or newer GPUs)
             or "float16" (older GPUs: one GradScaler scales the summed loss and steps both optimisers).
+        forward_unlabeled: pass the unlabelled rows through the networks' forward even when no term uses them (no
+            loss on them): the same-batch supervised baseline, whose batch-norm statistics then come from the same
+            labelled + unlabelled batch as the full method's UNeXt.
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class DualNetworkTrainer(Trainer):
         train_handlers: Sequence | None = None,
         amp: bool = False,
         amp_dtype: str = "bfloat16",
+        forward_unlabeled: bool = False,
     ) -> None:
         super().__init__(
             device=device,
@@ -189,6 +193,7 @@ class DualNetworkTrainer(Trainer):
         self.rampup_iterations = rampup_iterations
         self.ict_warmup_iterations = ict_warmup_iterations
         self.ema_max_alpha = ema_max_alpha
+        self.forward_unlabeled = forward_unlabeled
 
         self.supervised_loss = SupervisedLoss()
         self.cps_loss = CrossPseudoSupervisionLoss()
@@ -256,7 +261,7 @@ class DualNetworkTrainer(Trainer):
         use_ict = has_teacher and self.ict_weight > 0 and t >= self.ict_warmup_iterations
         use_mt = has_teacher and self.mt_weight > 0
         use_div = b is not None and self.divergence_weight > 0
-        use_unlabeled = x_u is not None and (use_cps or use_div or has_teacher)
+        use_unlabeled = x_u is not None and (use_cps or use_div or has_teacher or self.forward_unlabeled)
         weights = self.unsupervised_weights(t) if use_unlabeled or use_div else {}
         x = torch.cat((x_l, x_u)) if use_unlabeled else x_l
         n = x.shape[0]

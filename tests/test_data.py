@@ -290,3 +290,34 @@ def test_prepare_dataset_generates_a_phantom_when_empty(tmp_path):
     assert (dataset / "training_set" / "000_HC.png").is_file() and (dataset / "phantom.json").is_file()
     datalist = json.loads(Path(path).read_text())
     assert datalist["meta"]["counts"]["labeled"] >= 1 and len({i["subject"] for i in datalist["test"]}) == 1
+
+
+def test_split_subjects_labeled_count_is_exact_and_never_splits_a_subject():
+    items = _items(num_subjects=120)
+    for count in (1, 7, 25):
+        split = split_subjects(items, labeled_count=count, seed=3)
+        assert len(split["labeled"]) == count
+        labelled = {i["subject"] for i in split["labeled"]}
+        others = {i["subject"] for k in ("unlabeled", "validation", "test") for i in split[k]}
+        assert not labelled & others
+    with pytest.raises(ValueError, match="exceeds"):
+        split_subjects(items, labeled_count=10_000)
+    with pytest.raises(ValueError, match="whole number"):
+        split_subjects(items, labeled_count=0)
+
+
+def test_split_subjects_caps_the_training_pool_by_whole_subjects():
+    items = _items(num_subjects=120)
+    full = split_subjects(items, labeled_count=5, seed=1)
+    capped = split_subjects(items, labeled_count=5, max_train_images=40, seed=1)
+    assert len(capped["labeled"]) == 5
+    assert len(capped["labeled"]) + len(capped["unlabeled"]) == 40  # single- and two-image subjects fill it exactly
+    assert capped["validation"] == full["validation"] and capped["test"] == full["test"]
+    pool = {i["subject"] for k in ("labeled", "unlabeled") for i in capped[k]}
+    assert pool <= {i["subject"] for k in ("labeled", "unlabeled") for i in full[k]}
+
+
+def test_prepare_dataset_labeled_count_reaches_the_datalist(phantom_dir, tmp_path):
+    path = prepare_dataset(phantom_dir, tmp_path / "p", labeled_count=3, seed=0, progress=False)
+    datalist = json.loads(Path(path).read_text())
+    assert len(datalist["labeled"]) == 3 and datalist["meta"]["labeled_count"] == 3

@@ -345,3 +345,73 @@ def test_metrics_writer_reports_circumference_error_in_mm(tmp_path):
     empty = writer.score({**item, "pred": onehot(np.zeros_like(pred))})
     assert empty["circumference_mm"] is None and empty["circumference_ref_mm"] is not None
     assert writer.summary([from_label, empty])["n_circumference_failures"] == 1
+
+
+# ---------------------------------------------------------------- the paper's definitions (MedPy) on the network grid
+
+
+def brute_medpy(result, reference):
+    """MedPy's HD95 (95th percentile of both directions pooled) and ASD (result -> reference) by all pairs."""
+    pr, pf = np.argwhere(boundary(result)), np.argwhere(boundary(reference))
+    d = cdist(pr, pf)
+    return np.percentile(np.concatenate([d.min(axis=1), d.min(axis=0)]), 95), d.min(axis=1).mean()
+
+
+MEDPY_CASES = [
+    (disc(20, 16, 9), disc(22, 15, 7)),
+    (square(5, 30, 4, 20), disc(18, 14, 10)),
+    (disc(20, 16, 9) | square(1, 4, 1, 4), disc(20, 16, 9)),  # an ellipse-like blob plus one small false blob
+    (square(0, 12, 0, 10), square(3, 40, 2, 32)),  # touching the image border
+]
+
+
+@pytest.mark.parametrize("pred,label", MEDPY_CASES)
+def test_medpy_definitions_equal_medpy_and_brute_force(pred, label):
+    from medpy.metric.binary import asd, hd95
+
+    from scripts.metrics import medpy_asd, medpy_hd95
+
+    assert medpy_hd95(pred, label) == pytest.approx(hd95(pred, label), abs=1e-9)
+    assert medpy_asd(pred, label) == pytest.approx(asd(pred, label), abs=1e-9)
+    brute_hd, brute_asd = brute_medpy(pred, label)
+    assert medpy_hd95(pred, label) == pytest.approx(brute_hd, abs=1e-9)
+    assert medpy_asd(pred, label) == pytest.approx(brute_asd, abs=1e-9)
+
+
+def test_medpy_definitions_on_known_distances():
+    from scripts.metrics import medpy_asd, medpy_hd95
+
+    # two parallel bars 5 pixels apart along x: every boundary pixel of one is 5 or more from the other's
+    a, b = square(5, 10, 4, 28), square(15, 20, 4, 28)
+    assert medpy_hd95(a, b) == pytest.approx(brute_medpy(a, b)[0])
+    same = disc(20, 16, 8)
+    assert medpy_hd95(same, same) == 0.0 and medpy_asd(same, same) == 0.0
+    # ASD is directed (prediction -> label): a small blob inside a large disc is far from the disc's boundary,
+    # the disc's boundary is far from the blob too, but the two directions differ
+    small, large = disc(20, 16, 2), disc(20, 16, 10)
+    assert medpy_asd(small, large) == pytest.approx(brute_medpy(small, large)[1])
+    assert medpy_asd(small, large) != pytest.approx(medpy_asd(large, small))
+
+
+def test_paper_grid_metrics_resize_to_the_grid_and_score_failures():
+    from scripts.metrics import medpy_hd95, paper_grid_metrics, worst_distance
+
+    pred, label = disc(20, 16, 9), disc(22, 15, 7)
+    same_grid = paper_grid_metrics(pred, label, (X, Y))
+    assert same_grid["hd95_medpy_grid_px"] == pytest.approx(medpy_hd95(pred, label))
+    # doubling both masks (nearest) and scoring on the original grid gives the original figures back
+    big_pred, big_label = (np.kron(m, np.ones((2, 2), dtype=bool)) for m in (pred, label))
+    assert paper_grid_metrics(big_pred, big_label, (X, Y)) == pytest.approx(same_grid)
+    empty = np.zeros((X, Y), dtype=bool)
+    assert paper_grid_metrics(empty, label, (X, Y))["hd95_medpy_grid_px"] == pytest.approx(worst_distance((X, Y)))
+    assert paper_grid_metrics(empty, empty, (X, Y)) == {"hd95_medpy_grid_px": 0.0, "asd_medpy_grid_px": 0.0}
+
+
+def test_the_two_hd95_definitions_differ_on_a_false_blob():
+    """MONAI's HD95 (larger directed 95th percentile) against MedPy's (pooled): a small far blob moves one a lot."""
+    from scripts.metrics import medpy_hd95
+
+    label = disc(25, 20, 8, shape=(64, 64))
+    pred = label | square(0, 2, 60, 62, shape=(64, 64))
+    monai_hd95 = segmentation_metrics(onehot(pred), onehot(label))["hd95_px"]
+    assert monai_hd95 > 3 * medpy_hd95(pred, label)

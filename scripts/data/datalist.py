@@ -57,18 +57,25 @@ def _round_half_up(value: float) -> int:
     return int(math.floor(value + 0.5))
 
 
-def split_subjects(items, labeled_fraction=0.05, val_fraction=0.1, test_fraction=0.2, seed=0) -> dict:
+def split_subjects(items, labeled_fraction=0.05, val_fraction=0.1, test_fraction=0.2, seed=0, labeled_count=None,
+                   max_train_images=None) -> dict:
     """Split items (dicts with a "subject" key) into labeled / unlabeled / validation / test, whole subjects each.
 
     Subjects are shuffled with `seed`; test and validation take round(fraction x subjects) subjects (at least 1
-    each); the rest is the training pool, of which labeled takes round(labeled_fraction x pool images) images
-    (at least one subject), chosen by whole subjects, and unlabeled the rest. Item order within a list follows
-    the input order.
+    each); the rest is the training pool. ``max_train_images`` caps the pool: whole subjects in shuffled order, each
+    taken while the pool stays within the cap (the others are left out of every list). Of the pool, labeled takes
+    ``labeled_count`` images exactly (the paper's protocol: HC18's 25 or 50 of a 500-image training list), or else
+    round(labeled_fraction x pool images) images (at least one subject), chosen by whole subjects in shuffled order,
+    skipping those that would overshoot; unlabeled takes the rest of the pool. Item order within a list follows the
+    input order.
     """
     for name, value in (("labeled_fraction", labeled_fraction), ("val_fraction", val_fraction),
                         ("test_fraction", test_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be between 0 and 1, found {value}")
+    for name, value in (("labeled_count", labeled_count), ("max_train_images", max_train_images)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a whole number >= 1 (or None), found {value!r}")
     by_subject: dict[str, list] = {}
     for item in items:
         by_subject.setdefault(str(item["subject"]), []).append(item)
@@ -84,19 +91,36 @@ def split_subjects(items, labeled_fraction=0.05, val_fraction=0.1, test_fraction
             "lower test_fraction / val_fraction"
         )
     test, validation, pool = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
-    target = _round_half_up(labeled_fraction * sum(len(by_subject[s]) for s in pool))
-    labeled, count = [], 0
-    for subject in pool:  # whole subjects, in shuffled order, skipping those that would overshoot the target
-        if count + len(by_subject[subject]) <= target:
-            labeled.append(subject)
-            count += len(by_subject[subject])
-        if count == target:
-            break
-    if not labeled:
-        labeled = [pool[0]]
+    if max_train_images is not None:
+        pool = _whole_subjects(pool, by_subject, max_train_images)
+        if not pool:
+            raise ValueError(f"max_train_images={max_train_images} admits no whole training subject")
+    pool_images = sum(len(by_subject[s]) for s in pool)
+    if labeled_count is not None:
+        if labeled_count > pool_images:
+            raise ValueError(f"labeled_count={labeled_count} exceeds the {pool_images} images of the training pool")
+        labeled = _whole_subjects(pool, by_subject, labeled_count)
+        found = sum(len(by_subject[s]) for s in labeled)
+        if found != labeled_count:
+            raise ValueError(f"labeled_count={labeled_count} cannot be met with whole subjects (closest: {found} "
+                             "images); choose another count or seed")
+    else:
+        labeled = _whole_subjects(pool, by_subject, _round_half_up(labeled_fraction * pool_images)) or [pool[0]]
     groups = {"labeled": set(labeled), "unlabeled": set(pool) - set(labeled), "validation": set(validation),
               "test": set(test)}
     return {key: [item for item in items if str(item["subject"]) in groups[key]] for key in SPLIT_KEYS}
+
+
+def _whole_subjects(order: list[str], by_subject: dict[str, list], target: int) -> list[str]:
+    """Subjects in ``order``, each taken while their images stay within ``target`` (skipping those that overshoot)."""
+    chosen, count = [], 0
+    for subject in order:
+        if count == target:
+            break
+        if count + len(by_subject[subject]) <= target:
+            chosen.append(subject)
+            count += len(by_subject[subject])
+    return chosen
 
 
 def find_hc18_training_dir(dataset_dir) -> Path | None:
@@ -183,7 +207,7 @@ def _prepare_hc18(training_dir: Path, dataset_dir: Path, prepared_dir: Path, par
 
 def _split(labelled: list[dict], params: dict) -> dict:
     return split_subjects(labelled, params["labeled_fraction"], params["val_fraction"], params["test_fraction"],
-                          params["seed"])
+                          params["seed"], params["labeled_count"], params["max_train_images"])
 
 
 def _write_split(layout: str, split: dict, extra: list[dict], num_classes: int, datalist_path: Path, params: dict,
@@ -199,7 +223,8 @@ def _write_split(layout: str, split: dict, extra: list[dict], num_classes: int, 
     counts = {key: len(datalist[key]) for key in (*SPLIT_KEYS, "predict") if key in datalist}
     counts["subjects"] = {key: len({str(i["subject"]) for i in datalist[key]}) for key in SPLIT_KEYS}
     datalist["meta"] = {"layout": layout,
-                        **{k: params[k] for k in ("labeled_fraction", "val_fraction", "test_fraction", "seed")},
+                        **{k: params[k] for k in ("labeled_fraction", "labeled_count", "max_train_images", "val_fraction",
+                                                 "test_fraction", "seed")},
                         "num_classes": num_classes, "source": str(source), "counts": counts,
                         "fingerprint": fingerprint, "version": DATALIST_VERSION}
     write_json_atomic(datalist_path, datalist)
@@ -262,7 +287,8 @@ def _detect_layout(dataset_dir: Path) -> str | None:
 
 
 def prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, val_fraction=0.1, test_fraction=0.2,
-                    generate_phantom_if_empty=True, phantom_subjects=200, phantom_image_size=(800, 540),
+                    labeled_count=None, max_train_images=None, generate_phantom_if_empty=True, phantom_subjects=200,
+                    phantom_image_size=(800, 540),
                     phantom_seed=0, progress=True, layout=None, pixel_size_mm=None, acouslic_labels="binary",
                     acouslic_unlabeled_per_volume=24) -> str:
     """Make `<prepared_dir>/datalist.json` (and masks or extracted frames under `prepared_dir`) from `dataset_dir`.
@@ -274,14 +300,17 @@ def prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, va
     :mod:`scripts.data.generic` (``fugc``, ``psfhs``, ``generic`` `images/` + `labels/`; ``pixel_size_mm`` for
     PNG/JPG images, which carry none), and ``dicom`` (DICOM files at any depth, masks in `labels/`,
     :func:`scripts.data.dicom.list_dicom_layout`).
+    The split (:func:`split_subjects`): ``labeled_count`` labelled images (else ``labeled_fraction`` of the pool),
+    from a training pool of at most ``max_train_images`` images (None: every image not in validation or test).
     A missing or empty `dataset_dir` gets a synthetic HC18-like phantom when `generate_phantom_if_empty`.
     Re-runs with the same inputs and parameters reuse the datalist (and extracted frames). Nothing in `dataset_dir`
     is modified (except writing the phantom into an empty one). Returns the datalist path.
     Distributed (torchrun): rank 0 prepares while the other ranks wait, then they reuse its datalist.
     """
     args = dict(dataset_dir=dataset_dir, prepared_dir=prepared_dir, labeled_fraction=labeled_fraction, seed=seed,
-                val_fraction=val_fraction, test_fraction=test_fraction,
-                generate_phantom_if_empty=generate_phantom_if_empty, phantom_subjects=phantom_subjects,
+                val_fraction=val_fraction, test_fraction=test_fraction, labeled_count=labeled_count,
+                max_train_images=max_train_images, generate_phantom_if_empty=generate_phantom_if_empty,
+                phantom_subjects=phantom_subjects,
                 phantom_image_size=phantom_image_size, phantom_seed=phantom_seed, progress=progress, layout=layout,
                 pixel_size_mm=pixel_size_mm, acouslic_labels=acouslic_labels,
                 acouslic_unlabeled_per_volume=acouslic_unlabeled_per_volume)
@@ -297,8 +326,9 @@ def prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, va
     return _prepare_dataset(**{**args, "progress": False})
 
 
-def _prepare_dataset(dataset_dir, prepared_dir, labeled_fraction, seed, val_fraction, test_fraction,
-                     generate_phantom_if_empty, phantom_subjects, phantom_image_size, phantom_seed, progress, layout,
+def _prepare_dataset(dataset_dir, prepared_dir, labeled_fraction, seed, val_fraction, test_fraction, labeled_count,
+                     max_train_images, generate_phantom_if_empty, phantom_subjects, phantom_image_size, phantom_seed,
+                     progress, layout,
                      pixel_size_mm, acouslic_labels, acouslic_unlabeled_per_volume) -> str:
     dataset_dir = Path(dataset_dir).expanduser()
     prepared_dir = Path(prepared_dir).expanduser().resolve()
@@ -331,7 +361,9 @@ def _prepare_dataset(dataset_dir, prepared_dir, labeled_fraction, seed, val_frac
         raise ValueError(f"cannot recognise the dataset layout in {dataset_dir}: expected {LAYOUT_HELP}")
     prepared_dir.mkdir(parents=True, exist_ok=True)
     params = {"layout": layout, "labeled_fraction": float(labeled_fraction), "val_fraction": float(val_fraction),
-              "test_fraction": float(test_fraction), "seed": int(seed), "version": DATALIST_VERSION}
+              "test_fraction": float(test_fraction), "seed": int(seed), "version": DATALIST_VERSION,
+              "labeled_count": None if labeled_count is None else int(labeled_count),
+              "max_train_images": None if max_train_images is None else int(max_train_images)}
     if layout == "hc18":
         return _prepare_hc18(training_dir, dataset_dir, prepared_dir, params, progress)
     if layout in EXTRACTED_LAYOUTS:

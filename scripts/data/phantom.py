@@ -37,7 +37,9 @@ from ..files import write_atomic, write_json_atomic
 from .hc18 import TRAINING_CSV_HEADER, TRAINING_CSV_NAME, TRAINING_DIR_NAME, ellipse_circumference
 
 __all__ = [
+    "PHANTOM_FOLDERS",
     "PHANTOM_MARKER_NAME",
+    "PHANTOM_SUBJECTS",
     "generate_phantom",
     "ellipse_mask",
     "ellipse_outline",
@@ -48,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 PHANTOM_VERSION = 1
 PHANTOM_MARKER_NAME = "phantom.json"
+# the bundle's two phantoms (train.json's ``phantom``): the demo's small one, and a benchmark one of HC18's size
+# (HC18: 806 subjects, 999 training images; 830 subjects here give about 1,000 images with the repeat scans below)
+PHANTOM_SUBJECTS = {"demo": 200, "benchmark": 830}
+PHANTOM_FOLDERS = {"demo": "phantom", "benchmark": "phantom_benchmark"}
 
 # Head and acquisition ranges (HC18: pixel size 0.049-0.393 mm, HC 44-346 mm, heads fill much of the frame).
 PIXEL_SIZE_RANGE_MM = (0.049, 0.393)  # for HC18's 800 x 540 frames; scaled for other sizes (same field of view)

@@ -257,6 +257,51 @@ def plot(results: Sequence[dict], rows: Sequence[dict], output_dir: str | Path) 
     write_atomic(out / "validation_dice.png", lambda f: fig.savefig(f, format="png"), binary=True)
 
 
+PAIRED_METRICS = ("dice", "hd95_medpy_grid_px", "asd_medpy_grid_px", "hd95_mm", "asd_mm")
+
+
+def paired_differences(results: Sequence[dict], method: str, baseline: str,
+                       metrics: Sequence[str] = PAIRED_METRICS) -> list[dict]:
+    """Per (labelled share, seed) present for both: ``method`` minus ``baseline`` of each metric's test mean; the
+    seeds share their split and schedule, so these differences are paired."""
+    by_key = {(r["method"], str(r["fraction"]), r["seed"]): r for r in results}
+    rows = []
+    for (m, labels, seed), r in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        other = by_key.get((baseline, labels, seed))
+        if m != method or other is None:
+            continue
+        rows.append({"labels": labels, "seed": seed, **{
+            k: r["mean"][k] - other["mean"][k] for k in metrics
+            if r["mean"].get(k) is not None and other["mean"].get(k) is not None}})
+    return rows
+
+
+def write_paired(results: Sequence[dict], output_dir: str | Path, pairs: Sequence[Sequence[str]]) -> None:
+    """paired.md: per-seed differences (method - baseline) of the test means, and their mean ± std over seeds."""
+    lines = []
+    for method, baseline in pairs:
+        rows = paired_differences(results, method, baseline)
+        if not rows:
+            continue
+        lines += [f"**{method} − {baseline}** (test means, per seed; negative distances are better)", "",
+                  "| labelled | seed | " + " | ".join(PAIRED_METRICS) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in PAIRED_METRICS) + " |"]
+        for row in rows:
+            cells = ["n/a" if k not in row else f"{row[k]:+.3f}" if k == "dice" else f"{row[k]:+.2f}"
+                     for k in PAIRED_METRICS]
+            lines.append(f"| {label_text(row['labels'])} | {row['seed']} | " + " | ".join(cells) + " |")
+        summary = []
+        for k in PAIRED_METRICS:
+            values = [row[k] for row in rows if k in row]
+            if not values:
+                summary.append("n/a")
+                continue
+            mean, std = mean_std(values)
+            summary.append(f"{mean:+.3f} ± {std:.3f}" if k == "dice" else f"{mean:+.2f} ± {std:.2f}")
+        lines += [f"| mean ± std | {len(rows)} seeds | " + " | ".join(summary) + " |", ""]
+    write_atomic(Path(output_dir) / "paired.md", lambda f: f.write("\n".join(lines) + "\n"))
+
+
 class CompareCLI:
     def run(self, output_dir: str = "runs/compare", methods: Sequence[str] = METHODS,
             fractions: Sequence[float] = (0.05, 0.1), seeds: Sequence[int] = (0, 1, 2), dataset_dir: str | None = None,
@@ -268,14 +313,19 @@ class CompareCLI:
                           threads=threads, recipe=recipe)
         self.table(output_dir, results)
 
-    def table(self, output_dir: str = "runs/compare", results: list[dict] | None = None) -> None:
-        """Rebuild results.csv / results.md and the plots from the finished runs in ``output_dir``."""
+    def table(self, output_dir: str = "runs/compare", results: list[dict] | None = None,
+              paired: Sequence[Sequence[str]] = ()) -> None:
+        """Rebuild results.csv / results.md and the plots from the finished runs in ``output_dir``; ``paired``:
+        (method, baseline) pairs whose per-seed differences go to paired.md, e.g. "[['full','supervised']]"."""
         out = Path(output_dir)
         results = results or [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
         rows = summarise(results)
         write_table(rows, out)
         plot(results, rows, out)
         print((out / "results.md").read_text())
+        if paired:
+            write_paired(results, out, paired)
+            print((out / "paired.md").read_text())
 
 
 if __name__ == "__main__":

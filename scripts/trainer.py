@@ -214,9 +214,28 @@ class DualNetworkTrainer(Trainer):
             self._ema_pairs = ([t for t, _ in floats], [s for _, s in floats])
             self._copied = [(t, s) for t, s in pairs if not t.is_floating_point()]
 
+    def describe_terms(self) -> str:
+        """Which loss terms this run uses, each one's full weight, where its ramp ends and the weight it reaches."""
+        last = self.state.max_epochs * self.state.epoch_length - 1
+        total = self.rampup_iterations or last + 1
+        at_end = self.unsupervised_weights(last)
+        terms = ["supervised (UNeXt" + (" and network B)" if self.network_b is not None else ")")]
+        for name, key, weight in (("CPS", "w_cps", self.cps_weight), ("ICT", "w_ict", self.ict_weight),
+                                  ("Mean Teacher", "w_mt", self.mt_weight),
+                                  ("information divergence", "w_div", self.divergence_weight)):
+            if weight > 0:
+                start = f", from iteration {self.ict_warmup_iterations}" if name == "ICT" else ""
+                terms.append(f"{name} (weight {weight:g}, ramped to full by iteration {int(total)}{start}; "
+                             f"{at_end[key]:.2f} at the last iteration)")
+        if self.forward_unlabeled and len(terms) == 1:
+            terms.append("unlabelled rows pass through the forward (batch-norm statistics), no loss on them")
+        return "loss terms: " + "; ".join(terms)
+
     def run(self) -> None:  # type: ignore[override]
         """Run (or continue) training. MONAI's own CUDA scaler is not made: this trainer keeps ``grad_scaler``."""
         self.scaler = None
+        if self.state.iteration == 0:
+            self.logger.info(self.describe_terms())
         Workflow.run(self)
 
     def unsupervised_weights(self, iteration: int) -> dict[str, float]:

@@ -86,3 +86,22 @@ def test_missing_recipe_is_named(tmp_path):
 def test_table_lists_methods_in_the_documented_order():
     results = [{"method": m, "fraction": 0.05, "seed": 0, "mean": {"dice": 0.5}} for m in ("full", "supervised", "no_ict")]
     assert [r["method"] for r in summarise(results)] == ["supervised", "no_ict", "full"]
+
+
+def test_paired_differences_pair_seeds_and_labelled_counts(tmp_path):
+    from scripts.compare import paired_differences, run_name, write_paired
+
+    def result(method, seed, dice, hd):
+        return {"method": method, "fraction": "n25", "seed": seed,
+                "mean": {"dice": dice, "hd95_medpy_grid_px": hd, "asd_medpy_grid_px": 1.0, "hd95_mm": None}}
+
+    results = [result("full", 0, 0.80, 10.0), result("supervised", 0, 0.75, 14.0),
+               result("full", 1, 0.70, 12.0), result("supervised", 1, 0.72, 11.0), result("full", 2, 0.9, 1.0)]
+    rows = paired_differences(results, "full", "supervised")
+    assert [r["seed"] for r in rows] == [0, 1]  # seed 2 has no baseline run
+    assert rows[0]["dice"] == pytest.approx(0.05) and rows[1]["dice"] == pytest.approx(-0.02)
+    assert rows[0]["hd95_medpy_grid_px"] == pytest.approx(-4.0) and "hd95_mm" not in rows[0]
+    write_paired(results, tmp_path, [("full", "supervised")])
+    text = (tmp_path / "paired.md").read_text()
+    assert "| 25 images | 0 | +0.050 |" in text and "+0.015 ± 0.049" in text
+    assert run_name("full", "n25", 0) == "full__n25__seed0"

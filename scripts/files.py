@@ -27,7 +27,8 @@ def image_stem(path: str | os.PathLike) -> str:
 def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file beside it, then ``os.replace`` it into place.
 
-    A failure while writing leaves any previous ``path`` untouched and removes the temporary file.
+    A failure while writing leaves any previous ``path`` untouched and removes the temporary file. The file gets the
+    usual mode (0666 minus the umask), not the temporary file's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,10 +36,17 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], binary: b
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": "", "encoding": "utf-8"})) as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have given it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 from scripts.networks import UNeXt
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
+SCHEMA = ROOT / "tests" / "data" / "meta_schema_20240725.json"  # MONAI bundle metadata schema, committed copy
 TINY = ["--phantom_subjects", "14", "--phantom_image_size", "[320, 224]", "--labeled_fraction", "0.3"]
 
 
@@ -34,7 +34,6 @@ def test_top_level_metadata_is_the_configs_file():
     ).read_bytes()
 
 
-@pytest.mark.skipif(not SCHEMA.exists(), reason="../shared/monai/meta_schema_20240725.json not present")
 def test_metadata_matches_the_schema():
     jsonschema = pytest.importorskip("jsonschema")
     meta = json.loads((ROOT / "configs" / "metadata.json").read_text())

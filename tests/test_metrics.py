@@ -415,3 +415,16 @@ def test_the_two_hd95_definitions_differ_on_a_false_blob():
     pred = label | square(0, 2, 60, 62, shape=(64, 64))
     monai_hd95 = segmentation_metrics(onehot(pred), onehot(label))["hd95_px"]
     assert monai_hd95 > 3 * medpy_hd95(pred, label)
+
+
+def test_write_atomic_gives_the_usual_file_mode(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.txt", lambda f: f.write("x"))
+        with open(tmp_path / "b.txt", "w") as f:  # what a plain open() gives under the same umask
+            f.write("x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o644

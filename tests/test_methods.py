@@ -15,6 +15,7 @@ METHODS = sorted(p.stem for p in (ROOT / "configs" / "methods").glob("*.json"))
 EXPECTED = {
     "full": (SwinUnet, {"sup_a", "sup_b", "cps_a", "ict", "divergence"}, set()),
     "supervised": (None, {"sup_a"}, {"sup_b", "cps_a", "ict", "divergence"}),
+    "supervised_same_batch": (None, {"sup_a"}, {"sup_b", "cps_a", "ict", "divergence"}),
     "fully_supervised": (None, {"sup_a"}, {"sup_b", "cps_a", "ict", "divergence"}),
     "no_divergence": (SwinUnet, {"sup_b", "cps_a", "ict"}, {"divergence"}),
     "no_ict": (SwinUnet, {"sup_b", "cps_a", "divergence"}, {"ict"}),
@@ -74,6 +75,8 @@ def test_method_trains_two_iterations(method, phantom_dir):
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the deployed UNeXt was trained
     assert (root / f"models_{method}" / "model.pt").is_file()
     datalist = workflow.parser.get_parsed_content("datalist")
+    if method == "supervised_same_batch":  # the unlabelled rows went through the UNeXt's forward, with no loss
+        assert trainer.forward_unlabeled and workflow.parser.get_parsed_content("unlabeled_batch_size") > 0
     if method == "fully_supervised":
         assert not datalist["unlabeled"]  # every training image is labelled
     workflow.finalize()

@@ -273,3 +273,28 @@ def test_fp16_autocast_uses_one_gradient_scaler():
     assert make_trainer(amp=True)[0].grad_scaler is None  # bf16 default
     with pytest.raises(ValueError, match="amp_dtype must be"):
         make_trainer(amp=True, amp_dtype="float8")
+
+
+def test_same_batch_supervised_forward_sees_the_unlabelled_rows_but_scores_only_the_labelled():
+    """forward_unlabeled: the UNeXt's forward (and its batch-norm statistics) take labelled + unlabelled rows; the
+    loss is the supervised loss of the labelled rows alone."""
+    from scripts.losses import SupervisedLoss
+    from scripts.networks import UNeXt
+    from scripts.trainer import DualNetworkTrainer
+
+    torch.manual_seed(0)
+    network = UNeXt(in_channels=1, out_channels=2)
+    seen = []
+    network.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    x_l, y = torch.rand(1, 1, 64, 64), (torch.rand(1, 1, 64, 64) > 0.5).float()
+    x_u = torch.rand(4, 1, 64, 64)
+    loader = [{"labeled": {"image": x_l, "label": y}, "unlabeled": {"image": x_u}}]
+    trainer = DualNetworkTrainer(device="cpu", max_epochs=1, train_data_loader=loader, epoch_length=1,
+                                 network_a=network, optimizer_a=torch.optim.SGD(network.parameters(), lr=0.0),
+                                 cps_weight=0.0, ict_weight=0.0, divergence_weight=0.0, forward_unlabeled=True)
+    trainer.run()
+    assert seen == [5]
+    out = trainer.state.output
+    expected = SupervisedLoss()(out["pred"], y)  # pred: the labelled rows' logits of that same forward
+    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-6)
+    assert not {"cps_a", "ict", "divergence"} & set(out)

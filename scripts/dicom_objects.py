@@ -18,6 +18,14 @@ Codes (checked against pydicom's code dictionary, DICOM PS3.16):
   lengths 2a and 2b (those concepts are whole axes, not semi-axes), SCT 42798000 "Area" the region's area; units UCUM
   ``mm`` and ``mm2``.
 
+Quality flags (:data:`scripts.biometry.FLAGS`) of a measurement are written into its TID 1410 measurement group as
+qualitative evaluations: one CODE item each, concept DCM 111052 "Quality Finding", value a code of the private
+coding scheme ``99FETALUS`` (:data:`FLAG_CODES`; PS3.16 section 8 allows private schemes whose designator starts
+with "99"; it is declared in the SR's Coding Scheme Identification Sequence). A circumference outside the
+physiological range also carries the standard numeric value qualifier DCM 114009 "Value out of range" (CID 42),
+which a receiving system can read without knowing our scheme. Whether a flagged measurement is stored at all is the
+caller's decision (:mod:`scripts.pacs` leaves it out unless asked).
+
 Multi-frame ultrasound (cine) SEG: highdicom 0.28.2 refuses a SEG over more than one frame of a source without a
 Frame of Reference ("Only a single frame is supported when the source image has no Frame of Reference UID"), and
 handles a US Multi-frame source of any length as an enhanced multi-frame image whose functional groups it does not
@@ -46,6 +54,7 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import pydicom
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
@@ -57,6 +66,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from .biometry import parse_flags
 from .files import write_atomic
 
 __all__ = [
@@ -64,6 +74,7 @@ __all__ = [
     "build_measurement_report",
     "build_segmentation",
     "derived_uid",
+    "flag_code",
     "phantom_ultrasound_dicom",
     "write_results",
 ]
@@ -84,6 +95,19 @@ SEG_SERIES_NUMBER = 900
 SR_SERIES_NUMBER = 901
 CONTENT_QUALIFICATION = "RESEARCH"  # configs/metadata.json intended_use: research only
 LO_MAX = 64  # characters in a DICOM Long String (algorithm and model names)
+
+# quality flags in the SR: private codes (Code Value is SH, at most 16 characters; Code Meaning LO, at most 64)
+FLAG_SCHEME = "99FETALUS"
+FLAG_CODES: dict[str, Code] = {
+    "circumference_out_of_range": Code("OUT_OF_RANGE", FLAG_SCHEME, "Circumference outside physiological range"),
+    "touches_image_border": Code("IMAGE_BORDER", FLAG_SCHEME, "Mask touches the image border"),
+    "touches_sector_border": Code("SECTOR_BORDER", FLAG_SCHEME, "Mask touches the ultrasound sector border"),
+    "several_components": Code("COMPONENTS", FLAG_SCHEME, "Mask has several sizeable components"),
+    "large_fit_residual": Code("FIT_RESIDUAL", FLAG_SCHEME, "Large ellipse fit residual"),
+    "boundary_off_ellipse": Code("OFF_ELLIPSE", FLAG_SCHEME, "Much of the mask boundary is off the ellipse"),
+}
+QUALITY_FINDING = Code("111052", "DCM", "Quality Finding")
+VALUE_OUT_OF_RANGE = Code("114009", "DCM", "Value out of range")  # CID 42 Numeric Value Qualifier
 
 
 def derived_uid(*parts: str) -> str:
@@ -194,8 +218,13 @@ def _point_references_at_frame(seg: Dataset, source: Dataset, frame_number: int)
         item.ReferencedSOPClassUID = source.SOPClassUID
         item.ReferencedFrameNumber = frame_number
     for series in seg.ReferencedSeriesSequence:
+        # highdicom shares these items with the Source Image Sequence; the Series and Instance Reference macro
+        # (PS3.3 C.17.4) holds no frame number, so each instance gets its own item without one
+        series.ReferencedInstanceSequence = [
+            Dataset() for _ in series.ReferencedInstanceSequence]
         for instance in series.ReferencedInstanceSequence:
             instance.ReferencedSOPClassUID = source.SOPClassUID
+            instance.ReferencedSOPInstanceUID = source.SOPInstanceUID
 
 
 def build_segmentation(source: pydicom.Dataset, masks: dict[int, np.ndarray], structure: str = "head",
@@ -251,6 +280,10 @@ def build_segmentation(source: pydicom.Dataset, masks: dict[int, np.ndarray], st
         )
         if cine:
             _point_references_at_frame(seg, source, frame + 1)
+        # General Image module, PS3.3 C.7.6.1: Patient Orientation is Type 2C, required when the image has no Image
+        # Orientation/Position (Patient); a SEG of ultrasound without a Frame of Reference has none, and highdicom
+        # 0.28.2 does not write it. The mask shares the source's pixel grid, so it shares its orientation (or none).
+        seg.PatientOrientation = source.get("PatientOrientation", "") or ""
         segmentations.append(seg)
     return segmentations
 
@@ -314,26 +347,36 @@ def build_measurement_report(source: pydicom.Dataset, segmentations: list[pydico
     algorithm = hd.sr.AlgorithmIdentification(name=identity["name"], version=identity["version"],
                                               parameters=[model_id] if model_id else None)
     uid_parts = (str(source.SOPInstanceUID), "SR", model_id, structure)
-    groups = []
+    groups, flagged = [], []
     for frame in frames:
         row, seg = measurements[frame], seg_of[frame]
         a, b = float(row["semi_axes_a"]), float(row["semi_axes_b"])
         mm, mm2 = codes.UCUM.Millimeter, codes.UCUM.SquareMillimeter
         values = [(CIRCUMFERENCE[structure], float(row["circumference"]), mm), (codes.SCT.MajorAxis, 2 * max(a, b), mm),
                   (codes.SCT.MinorAxis, 2 * min(a, b), mm), (codes.SCT.Area, float(row["area"]), mm2)]
+        flags = parse_flags(row.get("flags"))
+        qualifiers = {CIRCUMFERENCE[structure]: VALUE_OUT_OF_RANGE} if "circumference_out_of_range" in flags else {}
         referenced_segment = hd.sr.ReferencedSegmentationFrame(
             sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, frame_number=1, segment_number=1,
             source_image=hd.sr.SourceImageForSegmentation(
                 referenced_sop_class_uid=source.SOPClassUID, referenced_sop_instance_uid=source.SOPInstanceUID,
                 referenced_frame_numbers=[frame + 1] if cine else None))
+        # TID 1410 references a SEG *frame* (DCM 121214), which names its segment already; PS3.3 C.10.9 (SOP
+        # Instance Reference macro) forbids Referenced Segment Number beside Referenced Frame Number, and highdicom
+        # 0.28.2 writes both: keep the frame (frame 1 of a one-segment, one-frame SEG is segment 1).
+        del referenced_segment[0].ReferencedSOPSequence[0].ReferencedSegmentNumber
         groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=derived_uid(*uid_parts, "tracking", str(frame)),
                 identifier=SEGMENT_LABELS[structure] + (f" frame {frame + 1}" if cine else "")),
             referenced_segment=referenced_segment, finding_type=STRUCTURES[structure],
             finding_sites=[hd.sr.FindingSite(FINDING_SITE[structure])], algorithm_id=algorithm,
-            measurements=[hd.sr.Measurement(name=n, value=v, unit=u, algorithm_id=algorithm) for n, v, u in values],
+            measurements=[hd.sr.Measurement(name=n, value=v, unit=u, qualifier=qualifiers.get(n),
+                                            algorithm_id=algorithm) for n, v, u in values],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(QUALITY_FINDING, flag_code(f)) for f in flags] or None,
         ))
+        if flags:
+            flagged.append(frame)
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -353,7 +396,15 @@ def build_measurement_report(source: pydicom.Dataset, segmentations: list[pydico
         sop_instance_uid=derived_uid(*uid_parts, "instance"), instance_number=1,
         manufacturer=identity["manufacturer"], is_complete=True,
         series_description=f"AI {SEGMENT_LABELS[structure]} biometry", content_qualification=CONTENT_QUALIFICATION,
+        coding_schemes=[CodingSchemeIdentificationItem(
+            designator=FLAG_SCHEME, name="Fetal ultrasound bundle quality flags",
+            responsible_organization=identity["manufacturer"])] if flagged else None,
     )
+
+
+def flag_code(flag: str) -> Code:
+    """The SR code of a quality flag (:data:`FLAG_CODES`; a flag it does not know gets a code made of its name)."""
+    return FLAG_CODES.get(flag) or Code(flag.upper()[:16], FLAG_SCHEME, flag.replace("_", " ")[:LO_MAX])
 
 
 def write_results(source_path, masks, measurements, out_dir, structure="head", model_id="") -> list[Path]:
@@ -369,7 +420,8 @@ def write_results(source_path, masks, measurements, out_dir, structure="head", m
         objects.append(build_measurement_report(source, objects, measurements, structure=structure,
                                                 model_id=model_id))
     else:
-        logger.warning("%s: no ellipse measured in mm; writing the segmentation without a measurement SR", source_path)
+        logger.warning("%s: no ellipse measured in mm to report (or every one withheld); writing the segmentation "
+                       "without a measurement SR", source_path)
     paths = []
     for ds in objects:
         path = out_dir / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"

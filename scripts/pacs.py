@@ -11,8 +11,15 @@
    overlays, ``measurements.json``);
 4. :func:`scripts.dicom_objects.write_results`: per source instance a DICOM SEG (one per selected cine frame) and,
    where a frame's ellipse is measured in mm, a TID 1500 SR, in ``<work_dir>/<study>/derived``; their UIDs are
-   derived from the source SOP Instance UID and the model's hash, so a re-run makes the same UIDs;
+   derived from the source SOP Instance UID and the model's hash, so a re-run makes the same UIDs. A measurement
+   with quality flags (:data:`scripts.biometry.FLAGS`: implausible circumference, mask at the border, several
+   components, poor ellipse fit) is not stored as a result: its SEG is, its SR measurement group is withheld and
+   listed in the summary; ``--store_flagged True`` stores it, marked by its flags in the SR;
 5. STOW-RS of each derived object unless QIDO already finds its SOP Instance UID ("already stored").
+
+A server that misbehaves (an HTTP error, a body that is not DICOM JSON, a QIDO entry without its UID, no answer
+within ``--timeout`` seconds, the same 503 on each of ``--retries`` attempts) ends the run, or the instance it
+concerns, in one line that names the server, the request and the cause.
 
 Credentials come from ``FETAL_PACS_USER`` / ``FETAL_PACS_PASSWORD`` or ``--credentials_file`` (JSON
 ``{"user": ..., "password": ...}`` or one ``user:password`` line), never from the command line, and are sent as
@@ -40,6 +47,7 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from scripts.biometry import parse_flags
 from scripts.files import image_stem, write_atomic, write_json_atomic
 
 __all__ = ["ENV_USER", "ENV_PASSWORD", "PacsError", "connect", "find_instances", "find_studies", "masked_url",
@@ -51,6 +59,8 @@ ENV_USER, ENV_PASSWORD = "FETAL_PACS_USER", "FETAL_PACS_PASSWORD"
 MODEL_ID_HEX = 16  # hex digits of the model file's SHA-256 kept as the model id (in derived UIDs and descriptions)
 SOP_INSTANCE_UID, SERIES_INSTANCE_UID, STUDY_INSTANCE_UID = "00080018", "0020000E", "0020000D"
 QIDO_PAGE = 500  # results asked for per QIDO request
+TIMEOUT_S = 60.0  # seconds a request waits for the server (--timeout); a STOW of a long cine takes a while
+RETRIES = 5  # attempts per request when the server answers 429, 408, 503 or 504 (--retries; dicomweb-client's)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -100,8 +110,26 @@ def read_credentials(credentials_file: str | os.PathLike | None = None) -> tuple
     return (user, password) if user else None
 
 
-def connect(url: str, credentials: tuple[str, str] | None):
-    """A :class:`dicomweb_client.api.DICOMwebClient` on ``url`` whose requests session sends HTTP basic auth."""
+def _recording_session():
+    """A requests session that remembers its last request (``"GET <url>"``), so that a failure can name it."""
+    import requests
+
+    class RecordingSession(requests.Session):
+        last_request = "(no request yet)"
+
+        def request(self, method, url, *args, **kwargs):
+            self.last_request = f"{str(method).upper()} {url}"
+            return super().request(method, url, *args, **kwargs)
+
+    return RecordingSession()
+
+
+def connect(url: str, credentials: tuple[str, str] | None, timeout: float = TIMEOUT_S, retries: int = RETRIES):
+    """A :class:`dicomweb_client.api.DICOMwebClient` on ``url`` whose requests session sends HTTP basic auth.
+
+    Each request waits at most ``timeout`` seconds for the server; an answer 429, 408, 503 or 504 is retried by
+    dicomweb-client with exponential back-off (2, 4, 8 ... s), ``retries`` attempts in all.
+    """
     import requests
     from dicomweb_client.api import DICOMwebClient
 
@@ -111,34 +139,85 @@ def connect(url: str, credentials: tuple[str, str] | None):
     if parts.username is not None or parts.password is not None:
         raise PacsError(f"--url {masked_url(url)} carries credentials: give them through {ENV_USER} / "
                         f"{ENV_PASSWORD} or --credentials_file instead")
-    session = requests.Session()
+    if not (float(timeout) > 0):
+        raise PacsError(f"--timeout must be a positive number of seconds, got {timeout!r}")
+    if int(retries) < 1:
+        raise PacsError(f"--retries must be at least 1 (attempts per request), got {retries!r}")
+    session = _recording_session()
     if credentials is not None:
         session.auth = requests.auth.HTTPBasicAuth(*credentials)
         if parts.scheme == "http" and parts.hostname not in LOOPBACK:
             logger.warning("%s is plain HTTP: the credentials cross the network unencrypted (use https)",
                            masked_url(url))
-    return DICOMwebClient(url=url.rstrip("/"), session=session)
+    client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=float(timeout))
+    client.set_http_retry_params(max_attempts=int(retries))
+    return client
 
 
-def _pacs_call(what: str, url: str, call):
-    """Run a QIDO call; connection errors and refused credentials become one :class:`PacsError`."""
-    import requests
+class MalformedAnswer(ValueError):
+    """A DICOMweb answer that parses but lacks what DICOM PS3.18 requires (a QIDO entry without its UID)."""
 
+
+def _pacs_call(what: str, url: str, call, client=None):
+    """Run a DICOMweb call; whatever the server does wrong becomes one :class:`PacsError` line that names the
+    server, the request (``client``'s last one) and the cause (:func:`_failure`); other errors propagate."""
     try:
         return call()
-    except requests.HTTPError as error:
+    except Exception as error:  # noqa: BLE001 - re-raised unless it is the server's doing
+        message = _failure(error, what, masked_url(url), client)
+        if message is None:
+            raise
+        raise PacsError(message) from None
+
+
+def _failure(error: BaseException, what: str, server: str, client=None) -> str | None:
+    """The one-line message for a server's failure: refused credentials, another HTTP error, the same retriable
+    error on every attempt, no answer within the timeout, no connection, a body that is not JSON, a malformed
+    answer; None for an error that is not the server's."""
+    import requests
+    from requests.exceptions import JSONDecodeError as NotJson
+    from retrying import RetryError
+
+    session = getattr(client, "_session", None)
+    request = f" ({session.last_request})" if getattr(session, "last_request", None) else ""
+    if isinstance(error, requests.HTTPError):
         code = error.response.status_code if error.response is not None else None
         if code in (401, 403):
-            raise PacsError(f"{masked_url(url)} refused the credentials (HTTP {code}) for {what}: check "
-                            f"{ENV_USER} / {ENV_PASSWORD} or --credentials_file") from None
-        raise PacsError(f"{masked_url(url)}: {what} failed (HTTP {code})") from None
-    except requests.ConnectionError as error:
-        raise PacsError(f"cannot reach {masked_url(url)} for {what}: {type(error).__name__}") from None
+            return (f"{server} refused the credentials (HTTP {code}) for {what}{request}: check {ENV_USER} / "
+                    f"{ENV_PASSWORD} or --credentials_file")
+        reason = getattr(error.response, "reason", "") or ""
+        return f"{server}: {what}{request} failed: HTTP {code} {reason}".rstrip()
+    if isinstance(error, RetryError):
+        attempt = getattr(error, "last_attempt", None)
+        response = getattr(attempt, "value", None)
+        answer = (f"HTTP {response.status_code} {response.reason or ''}".rstrip()
+                  if hasattr(response, "status_code") else str(response))
+        attempts = getattr(attempt, "attempt_number", "?")
+        return f"{server}: {what}{request} failed: {answer} on each of {attempts} attempts (--retries)"
+    if isinstance(error, requests.Timeout):
+        timeout = getattr(client, "_timeout", None)
+        within = f" within {timeout:g} s" if isinstance(timeout, (int, float)) else ""
+        return f"{server}: {what}{request} failed: no answer{within} (--timeout)"
+    if isinstance(error, requests.ConnectionError):
+        return f"cannot reach {server} for {what}{request}: {type(error).__name__}"
+    if isinstance(error, NotJson):
+        start = " ".join(str(getattr(error, "doc", "") or "").split())[:60]
+        return f"{server}: {what}{request} failed: the answer is not JSON (it starts {start!r})"
+    if isinstance(error, MalformedAnswer):
+        return f"{server}: {what}{request} failed: malformed answer: {error}"
+    return None
 
 
 def _uid(item: dict, tag: str) -> str:
-    """The first value of ``tag`` in a DICOM JSON object."""
-    return str(item[tag]["Value"][0])
+    """The first value of ``tag`` in a DICOM JSON object; :class:`MalformedAnswer` when it has none."""
+    try:
+        return str(item[tag]["Value"][0])
+    except (KeyError, IndexError, TypeError):
+        from pydicom.datadict import keyword_for_tag
+
+        keyword = keyword_for_tag(int(tag, 16)) or tag
+        shown = json.dumps(item)[:80] if isinstance(item, dict) else repr(item)[:80]
+        raise MalformedAnswer(f"an entry without {keyword} ({tag}): {shown}") from None
 
 
 def _search_all(search, key_tag: str, **kwargs) -> list[dict]:
@@ -151,6 +230,8 @@ def _search_all(search, key_tag: str, **kwargs) -> list[dict]:
     offset = 0
     while True:
         page = search(limit=QIDO_PAGE, offset=offset, **kwargs)
+        if not isinstance(page, list):
+            raise MalformedAnswer(f"a JSON {type(page).__name__} where DICOM JSON (an array of objects) belongs")
         new = {_uid(item, key_tag): item for item in page if _uid(item, key_tag) not in results}
         results.update(new)
         if len(page) < QIDO_PAGE or not new:
@@ -174,7 +255,8 @@ def find_studies(client, study_uid: str | None = None, date_from: Any = None, da
     else:
         raise PacsError("name the studies: --study_uid UID, or --date_from YYYYMMDD and/or --date_to YYYYMMDD")
     found = _pacs_call("the study search", client.base_url,
-                       lambda: _search_all(client.search_for_studies, STUDY_INSTANCE_UID, search_filters=filters))
+                       lambda: _search_all(client.search_for_studies, STUDY_INSTANCE_UID, search_filters=filters),
+                       client)
     studies = sorted({_uid(s, STUDY_INSTANCE_UID) for s in found})
     if not studies:
         raise PacsError(f"{masked_url(client.base_url)} has no study matching "
@@ -186,21 +268,23 @@ def find_instances(client, study_uid: str, modality: str = "US") -> list[tuple[s
     """[(SeriesInstanceUID, SOPInstanceUID)] of every instance in the study's series of ``modality``."""
     series = _pacs_call(f"the series search of study {study_uid}", client.base_url, lambda: _search_all(
         client.search_for_series, SERIES_INSTANCE_UID, study_instance_uid=study_uid,
-        search_filters={"Modality": modality}))
+        search_filters={"Modality": modality}), client)
     instances = []
     for series_uid in sorted({_uid(s, SERIES_INSTANCE_UID) for s in series}):
         found = _pacs_call(f"the instance search of series {series_uid}", client.base_url,
                            lambda: _search_all(client.search_for_instances, SOP_INSTANCE_UID,
-                                               study_instance_uid=study_uid, series_instance_uid=series_uid))
+                                               study_instance_uid=study_uid, series_instance_uid=series_uid),
+                           client)
         instances += sorted((series_uid, _uid(i, SOP_INSTANCE_UID)) for i in found)
     return instances
 
 
 def is_stored(client, study_uid: str, sop_instance_uid: str) -> bool:
     """Whether QIDO finds an instance with this SOPInstanceUID in the study."""
-    found = client.search_for_instances(study_instance_uid=study_uid,
-                                        search_filters={"SOPInstanceUID": sop_instance_uid})
-    return any(_uid(i, SOP_INSTANCE_UID) == sop_instance_uid for i in found)
+    found = _pacs_call(f"the search for instance {sop_instance_uid}", client.base_url, lambda: [
+        _uid(i, SOP_INSTANCE_UID) for i in client.search_for_instances(
+            study_instance_uid=study_uid, search_filters={"SOPInstanceUID": sop_instance_uid})], client)
+    return sop_instance_uid in found
 
 
 # ---- model and inference ----------------------------------------------------------------------------------------
@@ -237,12 +321,12 @@ def run_inference(bundle_root: str | os.PathLike, input_dir: str | os.PathLike, 
                   items: list[dict], progress: bool = True) -> list[dict]:
     """Run the bundle's inference evaluator in this process on ``items``; returns the rows of
     ``<output_dir>/measurements.json`` (masks and overlays are beside it)."""
-    from ignite.engine import Events
-
-    evaluator = inference_parser(bundle_root, input_dir, output_dir, items).get_parsed_content("evaluator")
-    with tqdm(total=len(items), desc="inference", unit="frame", disable=not progress, leave=False) as bar:
-        evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda _: bar.update(1))
-        evaluator.run()
+    parser = inference_parser(bundle_root, input_dir, output_dir, items)
+    parser["progress"] = progress  # the bundle's own progress bar
+    evaluator = parser.get_parsed_content("evaluator")
+    evaluator.run()
+    if evaluator.state.failed:  # inference.json skips a frame it cannot take; here the caller decides per source
+        raise ValueError("; ".join(f"{f['file']}: {f['reason']}" for f in evaluator.state.failed))
     return json.loads((Path(output_dir) / "measurements.json").read_text())
 
 
@@ -317,7 +401,8 @@ def _store(client, study: str, source: str, derived: Sequence[Path], summary: di
             new.append((ds, entry))
     if not new:
         return
-    response = client.store_instances([ds for ds, _ in new], study_instance_uid=study)
+    response = _pacs_call(f"the storage of {len(new)} object(s) into study {study}", client.base_url,
+                          lambda: client.store_instances([ds for ds, _ in new], study_instance_uid=study), client)
     failed = {str(item.ReferencedSOPInstanceUID): int(getattr(item, "FailureReason", 0))
               for item in getattr(response, "FailedSOPSequence", None) or []}
     for _, entry in new:
@@ -329,8 +414,25 @@ def _store(client, study: str, source: str, derived: Sequence[Path], summary: di
             summary["stored"].append(entry)
 
 
+def _withhold_flagged(measurements: dict[int, dict], study: str, source: str, summary: dict,
+                      store_flagged: bool) -> dict[int, dict]:
+    """The measurements (frame -> row) to put in the SR: a measurement with quality flags is left out and listed
+    under ``summary["withheld"]``, unless ``store_flagged`` (then the SR carries it, marked by its flags)."""
+    kept = {}
+    for frame, row in measurements.items():
+        flags = parse_flags(row.get("flags"))
+        if flags and not store_flagged and row.get("circumference") not in (None, ""):
+            summary["withheld"].append({"study": study, "source": source, "frame": frame, "flags": flags,
+                                        "circumference": row.get("circumference"), "unit": row.get("unit")})
+            logger.warning("%s frame %d: measurement withheld from the SR (flags: %s; --store_flagged True stores "
+                           "it, marked)", source, frame, ", ".join(flags))
+            continue
+        kept[frame] = row
+    return kept
+
+
 def _round_trip_study(client, study: str, work_dir: Path, bundle_root: Path, modality: str, structure: str,
-                      frames: Any, model: str, summary: dict, progress: bool) -> None:
+                      frames: Any, model: str, summary: dict, progress: bool, store_flagged: bool = False) -> None:
     import pydicom
 
     from scripts.data.dicom import export_frames
@@ -349,7 +451,8 @@ def _round_trip_study(client, study: str, work_dir: Path, bundle_root: Path, mod
         path = input_dir / f"{sop}.dcm"
         if not path.is_file():
             try:
-                ds = client.retrieve_instance(study, series, sop)
+                ds = _pacs_call(f"the retrieval of instance {sop}", client.base_url,
+                                lambda s=series, i=sop: client.retrieve_instance(study, s, i), client)
                 write_atomic(path, lambda f, d=ds: pydicom.dcmwrite(f, d, enforce_file_format=True), binary=True)
             except Exception as error:  # noqa: BLE001 - one instance does not stop the study
                 _fail(summary, study, sop, "retrieve", error)
@@ -377,6 +480,7 @@ def _round_trip_study(client, study: str, work_dir: Path, bundle_root: Path, mod
                 png = Path(item["image"])
                 masks[item["frame"]] = np.asarray(Image.open(output_dir / f"{image_stem(png)}_mask.png"))
                 measurements[item["frame"]] = rows[png.name]
+            measurements = _withhold_flagged(measurements, study, sop, summary, store_flagged)
             derived = write_results(paths[sop], masks, measurements, derived_dir / sop, structure=structure,
                                     model_id=model)
         except Exception as error:  # noqa: BLE001
@@ -391,29 +495,40 @@ def _round_trip_study(client, study: str, work_dir: Path, bundle_root: Path, mod
 def _print_summary(summary: dict) -> None:
     lines = [f"PACS {summary['url']}: {len(summary['studies'])} studies, {summary['instances']} instances, "
              f"stored {len(summary['stored'])}, skipped {len(summary['skipped'])} (already stored), "
-             f"failed {len(summary['failed'])}"]
+             f"withheld {len(summary.get('withheld', []))} (flagged measurements), failed {len(summary['failed'])}"]
     lines += [f"  stored  {s['modality']:<4} {s['sop_instance_uid']}  <- {s['source']}" for s in summary["stored"]]
     lines += [f"  skipped {s['modality']:<4} {s['sop_instance_uid']}  ({s['reason']})" for s in summary["skipped"]]
+    lines += [f"  withheld SR  {w['source']} frame {w['frame']}: {', '.join(w['flags'])} (--store_flagged True "
+              "stores it, marked)" for w in summary.get("withheld", [])]
     lines += [f"  FAILED  {f['source']}  [{f['stage']}] {f['reason']}" for f in summary["failed"]]
     print("\n".join(lines), flush=True)
 
 
 def run(url: str, study_uid: str | None = None, date_from: Any = None, date_to: Any = None, modality: str = "US",
         work_dir: str = "eval/pacs", bundle_root: str = ".", structure: str = "head", frames: Any = "all",
-        credentials_file: str | None = None, progress: bool = True) -> dict:
+        credentials_file: str | None = None, progress: bool = True, timeout: float = TIMEOUT_S,
+        retries: int = RETRIES, store_flagged: bool = False) -> dict:
     """Round trip for the studies named by ``study_uid`` or the StudyDate range; returns the summary
-    ``{"url", "model_id", "studies", "instances", "stored": [...], "skipped": [...], "failed": [...]}``
-    (entries name study, source SOP instance, and the derived object or the failed stage and its reason)."""
+    ``{"url", "model_id", "studies", "instances", "stored": [...], "skipped": [...], "withheld": [...],
+    "failed": [...]}`` (entries name study, source SOP instance, and the derived object, the withheld frame and its
+    quality flags, or the failed stage and its reason).
+
+    A measurement with quality flags (:data:`scripts.biometry.FLAGS`) is not stored as a result: its frame's SEG is
+    stored, its SR measurement group is withheld and listed under ``withheld``. ``store_flagged=True`` stores it,
+    marked in the SR by its flags. ``timeout`` (seconds per request) and ``retries`` (attempts per request on 429,
+    408, 503, 504) bound how long a server that misbehaves can hold the run.
+    """
     root = Path(bundle_root).resolve()
     work = Path(work_dir)
     model = model_id(root)
-    client = connect(url, read_credentials(credentials_file))
+    client = connect(url, read_credentials(credentials_file), timeout=timeout, retries=retries)
     summary: dict[str, Any] = {"url": masked_url(url), "model_id": model, "studies": [], "instances": 0,
-                               "stored": [], "skipped": [], "failed": []}
+                               "stored": [], "skipped": [], "withheld": [], "failed": []}
     with logging_redirect_tqdm():
         summary["studies"] = find_studies(client, study_uid, date_from, date_to, modality)
         for study in summary["studies"]:
-            _round_trip_study(client, study, work, root, modality, structure, frames, model, summary, progress)
+            _round_trip_study(client, study, work, root, modality, structure, frames, model, summary, progress,
+                              bool(store_flagged))
     write_json_atomic(work / "summary.json", summary)
     _print_summary(summary)
     return summary
@@ -421,16 +536,14 @@ def run(url: str, study_uid: str | None = None, date_from: Any = None, date_to: 
 
 def main(argv: Iterable[str] | None = None) -> None:
     """``python -m scripts.pacs run ...``: exit 1 when an instance failed, 2 when the run could not go on."""
-    import fire
+    from scripts.cli import USER_ERRORS
+    from scripts.cli import main as cli_main
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for chatty in ("dicomweb_client", "highdicom", "ignite.engine"):  # a line per request / copied module / epoch
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    try:
-        summary = fire.Fire({"run": run}, command=None if argv is None else list(argv), serialize=lambda _: None)
-    except PacsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    summary = cli_main({"run": run}, __doc__, prog="python -m scripts.pacs", argv=argv,
+                       errors=(PacsError, *USER_ERRORS), serialize=lambda _: None)
     if isinstance(summary, dict) and summary["failed"]:
         raise SystemExit(1)
 

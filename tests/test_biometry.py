@@ -1,4 +1,5 @@
-"""Ellipse biometry: Ramanujan's perimeter against the exact elliptic integral, fits of drawn ellipses, the phantom's HC."""
+"""Ellipse biometry: Ramanujan's perimeter against the exact elliptic integral, fits of drawn ellipses (clean, with a
+leak, with a missing arc), the phantom's HC, and the quality flags."""
 
 import csv
 import math
@@ -7,7 +8,15 @@ import numpy as np
 import pytest
 from scipy.special import ellipe
 
-from scripts.biometry import ellipse_circumference, fit_ellipse
+from scripts.biometry import (
+    PHYSIOLOGICAL_RANGE_MM,
+    ellipse_circumference,
+    ellipse_distances,
+    field_of_view,
+    fit_ellipse,
+    parse_flags,
+    quality_flags,
+)
 from scripts.data.hc18 import TRAINING_CSV_NAME, load_hc18_mask
 from scripts.data.phantom import generate_phantom
 
@@ -64,3 +73,145 @@ def test_phantom_ground_truth_hc_within_half_a_percent(tmp_path):
         hc = float(row["head circumference (mm)"])
         errors.append(abs(fit["circumference_mm"] - hc) / hc)
     assert len(errors) >= 12 and float(np.mean(errors)) <= 0.005, errors
+
+
+def test_distance_to_ellipse_matches_dense_sampling():
+    rng = np.random.default_rng(3)
+    for _ in range(6):
+        a = rng.uniform(5, 100)
+        b, theta, center = a * rng.uniform(0.05, 1.0), rng.uniform(0, math.pi), rng.uniform(-50, 50, 2)
+        points = center + rng.normal(0, 1, (20, 2)) * a
+        t = np.linspace(0, 2 * math.pi, 100_001)
+        ex = center[0] + a * math.cos(theta) * np.cos(t) - b * math.sin(theta) * np.sin(t)
+        ey = center[1] + a * math.sin(theta) * np.cos(t) + b * math.cos(theta) * np.sin(t)
+        brute = np.array([np.hypot(ex - x, ey - y).min() for x, y in points])
+        np.testing.assert_allclose(ellipse_distances(points, center, (a, b), theta), brute, atol=2e-5 * a)
+
+
+# A drawn head: semi-axes 40 x 30 mm at 0.2 mm pixels (200 x 150 px), rotated; boundary point at parameter angle phi
+CX, CY, A, B, THETA, SPACING = 80.0, 54.0, 40.0, 30.0, 0.5, (0.2, 0.2)
+
+
+def boundary_point(phi):
+    return (CX + A * math.cos(phi) * math.cos(THETA) - B * math.sin(phi) * math.sin(THETA),
+            CY + A * math.cos(phi) * math.sin(THETA) + B * math.sin(phi) * math.cos(THETA))
+
+
+def grid():
+    return np.meshgrid(np.arange(800) * SPACING[0], np.arange(540) * SPACING[1], indexing="ij")
+
+
+def with_blob(mask):
+    """A leak: a disk of radius 0.5 b attached on the outline (a neighbouring echo-free region)."""
+    x, y = grid()
+    bx, by = boundary_point(1.0)
+    return mask | ((x - bx) ** 2 + (y - by) ** 2 <= (0.5 * B) ** 2)
+
+
+def with_strip(mask):
+    """A leak: a band of the head's length running out from the outline (a shadow)."""
+    x, y = grid()
+    bx, by = boundary_point(2.5)
+    d = np.array([bx - CX, by - CY]) / math.hypot(bx - CX, by - CY)
+    along, across = (x - bx) * d[0] + (y - by) * d[1], -(x - bx) * d[1] + (y - by) * d[0]
+    return mask | ((along >= -1) & (along <= A) & (np.abs(across) <= 0.25 * B))
+
+
+def without_arc(mask):
+    """A missing arc: the part of the head beyond a chord is gone (cut off by the sector edge), 20 % of the outline."""
+    x, y = grid()
+    u = (x - CX) * math.cos(THETA) + (y - CY) * math.sin(THETA)
+    v = -(x - CX) * math.sin(THETA) + (y - CY) * math.cos(THETA)
+    phi, half = 4.0, 0.2 * math.pi  # parametric angle of the gap's middle and half of its span
+    return mask & ((u / A) * math.cos(phi) + (v / B) * math.sin(phi) <= math.cos(half))
+
+
+def with_notch(mask):
+    """A missing arc: a bite of radius 0.5 b out of the outline (the mask stops short where the skull is faint)."""
+    x, y = grid()
+    bx, by = boundary_point(5.5)
+    return mask & ~((x - bx) ** 2 + (y - by) ** 2 <= (0.5 * B) ** 2)
+
+
+@pytest.mark.parametrize("damage", [with_blob, with_strip, without_arc, with_notch])
+def test_leak_or_missing_arc_does_not_drag_the_ellipse(damage):
+    truth = ellipse_circumference(A, B)
+    mask = damage(draw_ellipse((800, 540), CX, CY, A, B, THETA, SPACING))
+    fit = fit_ellipse(mask, SPACING)
+    assert fit["circumference_mm"] == pytest.approx(truth, rel=0.01)
+    assert fit["semi_axes_a_mm"] == pytest.approx(A, rel=0.01) and fit["semi_axes_b_mm"] == pytest.approx(B, rel=0.01)
+    assert fit["center_x_mm"] == pytest.approx(CX, abs=0.3) and fit["center_y_mm"] == pytest.approx(CY, abs=0.3)
+    # the damaged stretch is left out, and reported as such
+    assert 0.6 < fit["boundary_fraction_kept"] < 0.95
+    assert fit["fit_residual_mm"] < 0.5 * SPACING[0]
+    # fitting every boundary point (the former method) is dragged by more than 1 %
+    plain = fit_ellipse(mask, SPACING, method="least_squares")
+    assert abs(plain["circumference_mm"] - truth) / truth > 0.01
+    assert plain["boundary_fraction_kept"] == 1.0
+
+
+def test_clean_fit_reports_a_small_residual_all_points_kept_and_no_flags():
+    fit = fit_ellipse(draw_ellipse((800, 540), CX, CY, A, B, THETA, SPACING), SPACING)
+    assert fit["boundary_fraction_kept"] == 1.0 and fit["fit_residual_mm"] < 0.4 * SPACING[0]
+    assert fit["flags"] == "" and parse_flags(fit["flags"]) == []
+    again = fit_ellipse(draw_ellipse((800, 540), CX, CY, A, B, THETA, SPACING), SPACING)
+    assert again == fit  # RANSAC is seeded: the same mask always measures the same
+
+
+def test_implausible_circumference_is_flagged_by_structure():
+    assert PHYSIOLOGICAL_RANGE_MM["head"] == (44.0, 346.0)  # HC18's reference HC range
+    huge = draw_ellipse((800, 540), 80.0, 54.0, 50.0, 40.0, 0.0, (0.2, 0.2))  # HC 284 mm at 0.2 mm ...
+    assert "circumference_out_of_range" not in parse_flags(fit_ellipse(huge, (0.2, 0.2))["flags"])
+    fit = fit_ellipse(huge, (0.4, 0.4))  # ... 567 mm at 0.4 mm, like the untrained model's 568.9 mm
+    assert fit["circumference_mm"] == pytest.approx(2 * ellipse_circumference(50.0, 40.0), rel=0.01)
+    assert parse_flags(fit["flags"]) == ["circumference_out_of_range"]
+    hc_380 = draw_ellipse((800, 540), 100.0, 67.0, 66.0, 54.0, 0.0, (0.25, 0.25))  # 380 mm: no head, an abdomen
+    assert parse_flags(fit_ellipse(hc_380, (0.25, 0.25))["flags"]) == ["circumference_out_of_range"]
+    assert fit_ellipse(hc_380, (0.25, 0.25), structure="abdomen")["flags"] == ""
+    assert fit_ellipse(hc_380, None)["flags"] == ""  # in pixels: no physiological range applies
+    assert fit_ellipse(hc_380, (0.25, 0.25), structure=None)["flags"] == ""
+    with pytest.raises(ValueError, match="no physiological range for structure 'femur'"):
+        fit_ellipse(hc_380, (0.25, 0.25), structure="femur")
+
+
+def fan(shape=(400, 300), half_angle=0.6):
+    """A sector image[x, y]: speckle inside a fan from an apex above the image, black outside; a text blob aside."""
+    x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    inside = (np.abs(np.arctan2(x - shape[0] / 2, y + 40)) < half_angle) & (np.hypot(x - shape[0] / 2, y + 40) < 330)
+    image = np.where(inside, np.random.default_rng(0).integers(1, 255, shape), 0).astype(np.uint8)
+    image[5:30, 5:12] = 255  # burned-in text in the corner, outside the sector
+    return image, inside
+
+
+def test_field_of_view_is_the_sector_and_a_mask_on_its_edge_is_flagged():
+    image, inside = fan()
+    sector = field_of_view(image)
+    assert not sector[5:30, 5:12].any()  # the text is not part of it
+    assert (sector & inside).sum() / inside.sum() > 0.99 and (sector & ~inside).sum() / inside.sum() < 0.02
+    well_inside = draw_ellipse(image.shape, 200.0, 150.0, 50.0, 40.0, 0.0)
+    fit = fit_ellipse(well_inside, (0.2, 0.2), field_of_view=sector)
+    assert fit["flags"] == ""
+    # a head whose side lies beyond the fan's left edge: the mask stops at the sector border
+    cut = draw_ellipse(image.shape, 110.0, 150.0, 50.0, 40.0, 0.0) & inside
+    flags = parse_flags(fit_ellipse(cut, (0.2, 0.2), field_of_view=sector)["flags"])
+    assert "touches_sector_border" in flags and "touches_image_border" not in flags
+
+
+def test_border_components_and_ragged_outline_flags():
+    mask = draw_ellipse((300, 200), 150.0, 100.0, 60.0, 45.0, 0.3)
+    assert quality_flags(fit_ellipse(mask), mask) == []
+    at_edge = draw_ellipse((300, 200), 58.5, 100.0, 60.0, 45.0, 0.3)  # reaches x = 0
+    assert parse_flags(fit_ellipse(at_edge)["flags"]) == ["touches_image_border"]
+    two = mask | draw_ellipse((300, 200), 260.0, 40.0, 25.0, 20.0, 0.0)  # 18 % of the head's area beside it
+    assert parse_flags(fit_ellipse(two)["flags"]) == ["several_components"]
+    speck = mask | draw_ellipse((300, 200), 260.0, 40.0, 3.0, 3.0, 0.0)  # a speck is no component worth a flag
+    assert parse_flags(fit_ellipse(speck)["flags"]) == []
+    # a ragged outline: a 200 x 150 px ellipse whose outline wobbles by 3 px: the kept points spread far from it
+    x, y = np.meshgrid(np.arange(600), np.arange(500), indexing="ij")
+    angle = np.arctan2((y - 250.0) / 150.0, (x - 300.0) / 200.0)
+    ragged = np.hypot((x - 300.0) / 200.0, (y - 250.0) / 150.0) <= 1 + 3.0 / 170.0 * np.sin(20 * angle)
+    fit = fit_ellipse(ragged, None)
+    assert parse_flags(fit["flags"]) == ["large_fit_residual"] and fit["fit_residual_mm"] > 1.5
+    assert fit["circumference_mm"] == pytest.approx(ellipse_circumference(200.0, 150.0), rel=0.01)
+    leak = with_strip(draw_ellipse((800, 540), CX, CY, A, B, THETA, SPACING))  # 30 % of the outline off the ellipse
+    assert parse_flags(fit_ellipse(leak, SPACING)["flags"]) == ["boundary_off_ellipse"]

@@ -9,7 +9,7 @@ from pydicom.pixels import convert_color_space
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from scripts.data.dicom import export_frames, read_ultrasound_dicom
-from scripts.inference import list_images
+from scripts.inference import list_images, source_frames
 
 # name -> (frames, rows, columns, pixel size in mm or None)
 FILES = {
@@ -59,8 +59,10 @@ def test_cine_exports_one_png_per_frame_with_its_pixel_size(tmp_path):
     items = export_frames(get_testdata_file("examples_ybr_color.dcm"), tmp_path)
     assert len(items) == 30 and items[3]["frame"] == 3 and items[3]["image"].endswith("examples_ybr_color_f003.png")
     assert items[0]["pixel_size_mm"] == pytest.approx([0.510, 0.510], rel=1e-3)
-    listed = list_images(get_testdata_file("examples_palette.dcm"), frames_dir=str(tmp_path / "single"))
-    assert len(listed) == 1 and listed[0]["pixel_size_mm"] == pytest.approx([0.2623, 0.2623], rel=1e-3)
+    listed = list_images(get_testdata_file("examples_palette.dcm"))  # listed, not decoded: that is per file, later
+    assert listed == [{"image": str(get_testdata_file("examples_palette.dcm")), "dicom": True}]
+    frames = source_frames(listed[0], str(tmp_path / "single"))
+    assert len(frames) == 1 and frames[0]["pixel_size_mm"] == pytest.approx([0.2623, 0.2623], rel=1e-3)
 
 
 def write_dicom_without_pixels(path):
@@ -87,8 +89,10 @@ def test_bad_dicom_inputs_name_the_file(tmp_path, monkeypatch):
         read_ultrasound_dicom(text)
 
     def no_decoder(self):
-        raise RuntimeError("Unable to decompress 'JPEG Baseline (Process 1)' pixel data because all plugins are missing")
+        raise RuntimeError("Unable to decompress 'JPEG Baseline (Process 1)' pixel data because all plugins are "
+                           "missing")
 
     monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(no_decoder))
-    with pytest.raises(ValueError, match=r"examples_ybr_color\.dcm: cannot decode its pixel data \(JPEG Baseline.*pylibjpeg"):
+    with pytest.raises(ValueError, match=r"examples_ybr_color\.dcm: cannot decode its pixel data \(JPEG Baseline"
+                                         r".*pylibjpeg"):
         read_ultrasound_dicom(get_testdata_file("examples_ybr_color.dcm"))

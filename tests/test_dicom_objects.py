@@ -181,10 +181,12 @@ def test_measurement_sr_holds_the_circumference_in_mm_and_references_source_and_
     assert values["42798000"][1].CodeValue == "mm2"
     references = image_references(sr)
     assert (source.SOPInstanceUID, [], []) in references
-    assert (seg.SOPInstanceUID, [1], [1]) in references  # frame 1, segment 1 of the SEG
+    # frame 1 of the SEG; the frame names its segment, so no Referenced Segment Number beside it (PS3.3 C.10.9)
+    assert (seg.SOPInstanceUID, [1], []) in references
     evidence = {ref.ReferencedSOPInstanceUID for series in sr.CurrentRequestedProcedureEvidenceSequence[0]
                 .ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
     assert evidence == {source.SOPInstanceUID, seg.SOPInstanceUID}
+    assert not quality_findings(sr) and "CodingSchemeIdentificationSequence" not in sr  # an unflagged measurement
 
 
 def test_cine_gets_one_seg_per_selected_frame_and_pixel_frames_stay_out_of_the_sr(tmp_path, caplog):
@@ -220,7 +222,7 @@ def test_cine_gets_one_seg_per_selected_frame_and_pixel_frames_stay_out_of_the_s
                for item in content_items(sr.ContentSequence)) == 1
     references = image_references(sr)
     assert (source.SOPInstanceUID, [4], []) in references
-    assert (seg_of_frame[3].SOPInstanceUID, [1], [1]) in references
+    assert (seg_of_frame[3].SOPInstanceUID, [1], []) in references
     assert all(uid != seg_of_frame[17].SOPInstanceUID for uid, _, _ in references)
 
 
@@ -255,3 +257,37 @@ def test_legacy_source_without_patient_attributes_gets_a_conformant_seg(tmp_path
     assert seg.StudyInstanceUID == source.StudyInstanceUID
     assert np.array_equal(pydicom.dcmread(seg_path).pixel_array, mask)  # one BINARY frame: the mask itself
     assert Path(path).read_bytes() == before
+
+
+def quality_findings(sr):
+    """[(code value, coding scheme)] of the DCM 111052 "Quality Finding" CODE items of an SR."""
+    return [(item.ConceptCodeSequence[0].CodeValue, item.ConceptCodeSequence[0].CodingSchemeDesignator)
+            for item in content_items(sr.ContentSequence)
+            if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "111052"]
+
+
+def test_flagged_measurement_is_marked_in_the_sr(tmp_path):
+    """Each flag is a Quality Finding in the frame's measurement group (private scheme 99FETALUS, declared), and an
+    out-of-range circumference carries the standard qualifier DCM 114009 "Value out of range"."""
+    path = get_testdata_file("examples_ybr_color.dcm")
+    source = pydicom.dcmread(path)
+    shape = (source.Rows, source.Columns)
+    masks = {0: filled_ellipse(shape, (100, 140), (60, 80), 0.2), 5: filled_ellipse(shape, (120, 160), (50, 70), 0.0)}
+    rows = {0: {**mm_row(circumference=568.9), "flags": "circumference_out_of_range;touches_sector_border"},
+            5: {**mm_row(), "flags": ""}}
+    found = by_modality(write_results(path, masks, rows, tmp_path))
+    (_, sr), = found["SR"]
+    assert sorted(quality_findings(sr)) == [("OUT_OF_RANGE", "99FETALUS"), ("SECTOR_BORDER", "99FETALUS")]
+    assert [item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence] == ["99FETALUS"]
+    circumferences = [item for item in content_items(sr.ContentSequence)
+                      if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "11984-2"]
+    qualified = {float(item.MeasuredValueSequence[0].NumericValue):
+                 [q.CodeValue for q in item.get("NumericValueQualifierCodeSequence", [])]
+                 for item in circumferences}
+    assert qualified == {568.9: ["114009"], 171.3: []}
+    # highdicom reads the flags back from the right group
+    report = hd.sr.ComprehensiveSR.from_dataset(sr)
+    by_circumference = {
+        group.get_measurements()[0].value: [q.value.value for q in group.get_qualitative_evaluations()]
+        for group in report.content.get_planar_roi_measurement_groups()}
+    assert by_circumference == {568.9: ["OUT_OF_RANGE", "SECTOR_BORDER"], 171.3: []}

@@ -34,7 +34,8 @@ def test_label_values_outside_class_range(tmp_path):
     path = tmp_path / "012_HC_mask.png"
     Image.fromarray(np.array([[0, 1], [2, 255]], dtype=np.uint8)).save(path)
     data = load(path, "label")
-    with pytest.raises(ValueError, match=r"012_HC_mask\.png: label values \{2, 255\} are outside the class range 0\.\.1"):
+    with pytest.raises(ValueError, match=r"012_HC_mask\.png: label values \{2, 255\} are outside the class range "
+                                         r"0\.\.1"):
         CheckLabelRanged(keys="label", num_classes=2)(data)
     assert CheckLabelRanged(keys="label", num_classes=256)(data)  # in range for 256 classes
 

@@ -206,8 +206,10 @@ def first_run(orthanc, study, bundle_root, tmp_path_factory):
     credentials = tmp_path_factory.mktemp("secrets") / "pacs_credentials.json"
     credentials.write_text(json.dumps({"user": orthanc["user"], "password": orthanc["password"]}))
     credentials.chmod(0o600)
+    # the test model is trained for a few iterations, so its measurements may be flagged: store them marked here
+    # (test_flagged_measurement_is_not_stored_as_a_result_unless_asked checks the gate)
     summary = pacs.run(orthanc["dicomweb"], study_uid=study["uid"], work_dir=str(work), bundle_root=str(bundle_root),
-                       frames=FRAMES, credentials_file=str(credentials), progress=False)
+                       frames=FRAMES, credentials_file=str(credentials), progress=False, store_flagged=True)
     return {"summary": summary, "work": work, "output": work / study["uid"] / "output"}
 
 
@@ -306,7 +308,7 @@ def test_second_run_from_the_cli_stores_nothing_new(orthanc, first_run, study, b
     done = subprocess.run(
         [sys.executable, "-m", "scripts.pacs", "run", "--url", orthanc["dicomweb"], "--date_from", "20260101",
          "--date_to", "20261231", "--work_dir", str(first_run["work"]), "--bundle_root", str(bundle_root),
-         "--frames", json.dumps(FRAMES)],
+         "--frames", json.dumps(FRAMES), "--store_flagged", "True"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 1, output  # the two broken instances fail again
@@ -320,6 +322,56 @@ def test_second_run_from_the_cli_stores_nothing_new(orthanc, first_run, study, b
     assert {f["source"]: f["stage"] for f in summary["failed"]} == {study["broken"]: "decode",
                                                                   study["tiny"]: "inference"}
     assert "already stored" in output and "failed 2" in output
+
+
+@pytest.mark.slow
+def test_flagged_measurement_is_not_stored_as_a_result_unless_asked(orthanc, bundle_root, tmp_path):
+    """The phantom scan uploaded with ten times its pixel size: the head measures ten times its HC (over 1000 mm,
+    outside HC18's 44-346 mm). The SEG is stored, the SR is not (listed as withheld); with store_flagged=True the SR
+    is stored with the flag as a Quality Finding and the qualifier "Value out of range" on the HC."""
+    uid = str(generate_uid())
+    dataset_dir = bundle_root / "data" / "phantom"
+    name, row = next(iter(read_hc18_csv(str(dataset_dir / TRAINING_CSV_NAME)).items()))
+    image = np.asarray(Image.open(dataset_dir / "training_set" / name).convert("L"))
+    path = phantom_ultrasound_dicom(image, 10 * row["pixel_size_mm"], tmp_path / "giant.dcm", study_uid=uid,
+                                    patient_id="PACS-TEST-2", patient_name="Test^Giant")
+    source = _into_study(pydicom.dcmread(path), uid)
+    assert not getattr(_client(orthanc).store_instances([source]), "FailedSOPSequence", None)
+    sop = str(source.SOPInstanceUID)
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text(json.dumps({"user": orthanc["user"], "password": orthanc["password"]}))
+    credentials.chmod(0o600)
+
+    summary = pacs.run(orthanc["dicomweb"], study_uid=uid, work_dir=str(tmp_path / "work"),
+                       bundle_root=str(bundle_root), credentials_file=str(credentials), progress=False)
+    assert not summary["failed"], summary["failed"]
+    (withheld,) = summary["withheld"]
+    assert withheld["source"] == sop and "circumference_out_of_range" in withheld["flags"]
+    assert float(withheld["circumference"]) > 346.0
+    assert len(_stored(summary, sop, "SEG")) == 1 and not _stored(summary, sop, "SR")
+    found = _client(orthanc).search_for_instances(study_instance_uid=uid, search_filters={"Modality": "SR"})
+    assert found == []
+    rows = json.loads((tmp_path / "work" / uid / "output" / "measurements.json").read_text())
+    assert "circumference_out_of_range" in rows[0]["flags"]  # marked in the JSON (and the CSV beside it)
+
+    marked = pacs.run(orthanc["dicomweb"], study_uid=uid, work_dir=str(tmp_path / "work"),
+                      bundle_root=str(bundle_root), credentials_file=str(credentials), progress=False,
+                      store_flagged=True)
+    (entry,) = _stored(marked, sop, "SR")
+    sr = _retrieve(orthanc, uid, entry["sop_instance_uid"])
+    findings = [i for i in _content(sr.ContentSequence)
+                if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "111052"]
+    assert ("OUT_OF_RANGE", "99FETALUS") in {(i.ConceptCodeSequence[0].CodeValue,
+                                              i.ConceptCodeSequence[0].CodingSchemeDesignator) for i in findings}
+    (hc,) = [i for i in _numeric_items(sr.ContentSequence)
+             if i.ConceptNameCodeSequence[0].CodeValue == LOINC_HEAD_CIRCUMFERENCE]
+    assert [q.CodeValue for q in hc.NumericValueQualifierCodeSequence] == ["114009"]  # Value out of range
+
+
+def _content(items):
+    for item in items:
+        yield item
+        yield from _content(item.get("ContentSequence", []))
 
 
 # ---- credentials without a PACS ---------------------------------------------------------------------------------

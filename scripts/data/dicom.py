@@ -1,15 +1,22 @@
-"""Ultrasound DICOM in: frames as 8-bit arrays and the physical pixel size (REFERENCE §2).
+"""Ultrasound DICOM in: frames as 8-bit arrays and the physical pixel size.
 
 Single- and multi-frame (cine) files; MONOCHROME1/2, RGB, YBR (pydicom 3 already returns RGB: no second
 conversion), PALETTE COLOR (the LUT applied), JPEG baseline and JPEG 2000 through the pylibjpeg plugins. The pixel
-size comes from SequenceOfUltrasoundRegions (PhysicalDeltaX/Y, cm -> mm) where a region is in cm, else from
-PixelSpacing, else it is unknown and said so. :func:`export_frames` writes each frame as a PNG for the inference
-pipeline, with the pixel size carried in the item.
+size comes from SequenceOfUltrasoundRegions (US Region Calibration module, DICOM PS3.3 C.8.5.5: PhysicalDeltaX/Y,
+cm -> mm) where a region is in cm, else from PixelSpacing, else it is unknown and said so. :func:`export_frames`
+writes each frame as a PNG for the inference pipeline, with the pixel size carried in the item.
+
+Before anything is decoded the header is checked against itself and against the pixel data (Image Pixel module,
+PS3.3 C.7.6.3; Multi-frame module, C.7.6.6; encapsulation, PS3.5 A.4): a file whose header and pixels disagree
+(a wrong Rows, Columns, SamplesPerPixel, NumberOfFrames or PhotometricInterpretation, a truncation), a palette
+image without its table or an implausible pixel size ends in one ValueError naming the file and the problem, never
+in frames that pydicom would guess.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +24,13 @@ from PIL import Image
 
 from ..files import write_atomic, write_json_atomic
 
-__all__ = ["dicom_pixel_size", "export_frames", "find_dicoms", "frame_stem", "is_dicom", "iter_dicoms", "list_dicom_layout",
-           "read_ultrasound_dicom"]
+__all__ = ["PIXEL_SIZE_RANGE_MM", "dicom_pixel_size", "export_frames", "find_dicoms", "frame_stem", "is_dicom",
+           "iter_dicoms", "list_dicom_layout", "read_ultrasound_dicom"]
 
 logger = logging.getLogger(__name__)
 
 CM = 3  # PhysicalUnitsX/YDirection code for centimetres
+PIXEL_SIZE_RANGE_MM = (0.001, 10.0)  # a plausible physical pixel size; outside it the header is wrong
 
 
 def is_dicom(path) -> bool:
@@ -37,16 +45,45 @@ def is_dicom(path) -> bool:
         return False
 
 
-def dicom_pixel_size(ds) -> tuple[tuple[float, float] | None, str]:
-    """((sx, sy) in mm or None, where it came from) from the US regions, else PixelSpacing."""
+def _plausible_pixel_size(sx: float, sy: float, where: str, name: str) -> tuple[float, float]:
+    lo, hi = PIXEL_SIZE_RANGE_MM
+    if not all(math.isfinite(v) and lo <= v <= hi for v in (sx, sy)):
+        raise ValueError(f"{name}: implausible physical pixel size {sx:g} x {sy:g} mm from {where}: an ultrasound "
+                         f"pixel is {lo:g}-{hi:g} mm")
+    return sx, sy
+
+
+def _number(value, keyword: str, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {keyword} {value!r} is not a number") from None
+
+
+def dicom_pixel_size(ds, name: str = "DICOM") -> tuple[tuple[float, float] | None, str]:
+    """((sx, sy) in mm or None, where it came from) from the US regions, else PixelSpacing.
+
+    The first ultrasound region in cm with non-zero deltas is used (PhysicalDeltaX/Y, cm -> mm). ValueError naming
+    ``name`` when the size is implausible (outside PIXEL_SIZE_RANGE_MM, not finite) or PixelSpacing does not hold
+    two numbers: a wrong pixel size would turn into a wrong circumference in mm without a word.
+    """
     for region in getattr(ds, "SequenceOfUltrasoundRegions", None) or []:
         units = (getattr(region, "PhysicalUnitsXDirection", None), getattr(region, "PhysicalUnitsYDirection", None))
         dx, dy = getattr(region, "PhysicalDeltaX", None), getattr(region, "PhysicalDeltaY", None)
         if units == (CM, CM) and dx and dy:
-            return (abs(float(dx)) * 10.0, abs(float(dy)) * 10.0), "SequenceOfUltrasoundRegions"
-    spacing = getattr(ds, "PixelSpacing", None)
-    if spacing is not None and len(spacing) == 2 and float(spacing[0]) > 0 and float(spacing[1]) > 0:
-        return (float(spacing[1]), float(spacing[0])), "PixelSpacing"  # DICOM gives (row, column) = (y, x)
+            dx, dy = _number(dx, "PhysicalDeltaX", name), _number(dy, "PhysicalDeltaY", name)
+            size = _plausible_pixel_size(abs(dx) * 10.0, abs(dy) * 10.0,
+                                         "SequenceOfUltrasoundRegions PhysicalDeltaX/Y", name)
+            return size, "SequenceOfUltrasoundRegions"
+    spacing = ds["PixelSpacing"] if "PixelSpacing" in ds else None
+    if spacing is not None and spacing.value not in (None, ""):
+        values = list(spacing.value) if spacing.VM > 1 else [spacing.value]
+        if len(values) != 2:
+            raise ValueError(f"{name}: PixelSpacing must hold two values (row, column spacing in mm), it holds "
+                             f"{len(values)}: {spacing.value!r}")
+        # DICOM gives (row, column) = (y, x)
+        row, column = (_number(v, "PixelSpacing", name) for v in values)
+        return _plausible_pixel_size(column, row, "PixelSpacing", name), "PixelSpacing"
     return None, "unknown"
 
 
@@ -59,45 +96,202 @@ def _to_uint8(frames: np.ndarray, bits: int) -> np.ndarray:
     return np.zeros(frames.shape, np.uint8) if hi <= lo else ((frames - lo) / (hi - lo) * 255).round().astype(np.uint8)
 
 
+def _one_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (pydicom appends the traceback of the element that failed)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _read_dataset(path: Path):
+    """The parsed dataset of ``path``; one ValueError naming the file for an empty, non-DICOM, truncated or
+    unparseable file (pydicom raises many types and parses some elements only on access: all are read here)."""
+    import warnings
+
+    import pydicom
+
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path}: not a readable DICOM file (empty file, 0 bytes)")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(str(path))
+            ds.walk(lambda dataset, element: None)  # converts every raw element: unknown VRs and bad lengths raise
+    except Exception as error:  # noqa: BLE001 - InvalidDicomError, EOFError, NotImplementedError (VR), struct.error...
+        raise ValueError(f"{path}: not a readable DICOM file ({_one_line(error)})") from None
+    ended = [str(w.message) for w in caught if "End of file" in str(w.message)]
+    if ended or len(ds) == 0:
+        raise ValueError(f"{path}: truncated DICOM file ({ended[0] if ended else 'no data elements'})")
+    return ds
+
+
+IMAGE_PIXEL_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
+                        "BitsStored", "PixelRepresentation")  # Type 1 in the Image Pixel module and read to decode
+SAMPLES = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3, "YBR_FULL": 3, "YBR_FULL_422": 3,
+           "YBR_RCT": 3, "YBR_ICT": 3, "YBR_PARTIAL_420": 3}
+
+
+def _header_int(ds, keyword: str, path: Path, allowed=None, minimum: int | None = None) -> int:
+    value = ds[keyword].value if keyword in ds else None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: {keyword} is {value!r}, not an integer") from None
+    if (allowed is not None and number not in allowed) or (minimum is not None and number < minimum):
+        expected = f"one of {sorted(allowed)}" if allowed is not None else f">= {minimum}"
+        raise ValueError(f"{path}: {keyword} is {number}; expected {expected}")
+    return number
+
+
+def _check_image_pixel_module(ds, path: Path, syntax) -> dict:
+    """The header's image geometry ``{rows, columns, samples, frames, photometric, bits}``, checked for presence,
+    values and consistency (PS3.3 C.7.6.3 Image Pixel module, C.7.6.6 Multi-frame module) and, for native (not
+    compressed) pixel data, against the pixel data's length: a header that disagrees with its pixels would be
+    decoded into sheared, split or repeated frames."""
+    missing = [k for k in IMAGE_PIXEL_KEYWORDS if k not in ds or ds[k].value in (None, "")]
+    if missing:
+        raise ValueError(f"{path}: the Image Pixel module lacks {', '.join(missing)}: cannot lay out the pixels")
+    rows, columns = _header_int(ds, "Rows", path, minimum=1), _header_int(ds, "Columns", path, minimum=1)
+    samples = _header_int(ds, "SamplesPerPixel", path, allowed={1, 3})
+    bits = _header_int(ds, "BitsAllocated", path, allowed={1, 8, 16, 32})
+    stored = _header_int(ds, "BitsStored", path, minimum=1)
+    if stored > bits:
+        raise ValueError(f"{path}: BitsStored {stored} exceeds BitsAllocated {bits}")
+    _header_int(ds, "PixelRepresentation", path, allowed={0, 1})
+    photometric = str(ds.PhotometricInterpretation).strip()
+    if photometric not in SAMPLES:
+        raise ValueError(f"{path}: PhotometricInterpretation {photometric!r} is not one of {sorted(SAMPLES)}")
+    if SAMPLES[photometric] != samples:
+        raise ValueError(f"{path}: PhotometricInterpretation {photometric} needs SamplesPerPixel "
+                         f"{SAMPLES[photometric]}, the header says {samples}")
+    if samples > 1 and "PlanarConfiguration" not in ds:
+        raise ValueError(f"{path}: the Image Pixel module lacks PlanarConfiguration (required for "
+                         f"SamplesPerPixel {samples})")
+    if photometric == "PALETTE COLOR":
+        lacking = [f"{c}PaletteColorLookupTable{part}" for c in ("Red", "Green", "Blue") for part in ("Descriptor",
+                   "Data") if f"{c}PaletteColorLookupTable{part}" not in ds
+                   and not (part == "Data" and f"Segmented{c}PaletteColorLookupTableData" in ds)]
+        if lacking:
+            raise ValueError(f"{path}: PALETTE COLOR without its lookup table (missing {', '.join(lacking)})")
+    frames = 1
+    if "NumberOfFrames" in ds and ds["NumberOfFrames"].value not in (None, ""):
+        frames = _header_int(ds, "NumberOfFrames", path, minimum=1)
+    # without a transfer syntax (a file read without its meta header), encapsulation shows in the first item tag
+    compressed = syntax.is_compressed if syntax is not None else bytes(ds.PixelData[:4]) == b"\xfe\xff\x00\xe0"
+    if not compressed:
+        per_pixel = 2 if photometric == "YBR_FULL_422" else samples  # 4:2:2 stores two values per pixel
+        expected = math.ceil(rows * columns * per_pixel * frames * bits / 8)
+        actual = len(ds.PixelData)
+        if actual not in (expected, expected + 1):  # + 1: the pad byte to an even length
+            raise ValueError(
+                f"{path}: the pixel data holds {actual} bytes, but the header (Rows {rows} x Columns {columns} x "
+                f"{per_pixel} samples x {bits} bits x {frames} frame(s)) needs {expected}")
+    else:
+        _check_encapsulated(ds, path, rows, columns, samples, frames)
+    return {"rows": rows, "columns": columns, "samples": samples, "frames": frames, "photometric": photometric,
+            "bits": stored}
+
+
+FRAME_STARTS = (b"\xff\xd8", b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")  # JPEG SOI, JPEG 2000 SOC+SIZ, JP2
+
+
+def _codestream_geometry(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) that a JPEG (SOF marker, ITU-T T.81 B.2.2) or JPEG 2000 codestream (SIZ marker,
+    ITU-T T.800 A.5.1) declares, or None when the frame is neither or the marker is not found."""
+    import struct
+
+    try:
+        if frame[:4] == b"\xff\x4f\xff\x51":
+            xsiz, ysiz, x0, y0 = struct.unpack(">IIII", frame[8:24])
+            return ysiz - y0, xsiz - x0, struct.unpack(">H", frame[40:42])[0]
+        if frame[:2] == b"\xff\xd8":
+            i = 2
+            while i + 10 <= len(frame) and frame[i] == 0xFF:
+                marker = frame[i + 1]
+                if marker == 0xFF:  # fill byte
+                    i += 1
+                    continue
+                if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:  # SOFn, JPEG-LS
+                    _, height, width, components = struct.unpack(">BHHB", frame[i + 4:i + 10])
+                    return height, width, components
+                i += 2 + struct.unpack(">H", frame[i + 2:i + 4])[0]
+    except struct.error:
+        return None
+    return None
+
+
+def _check_encapsulated(ds, path: Path, rows: int, columns: int, samples: int, frames: int) -> None:
+    """Compressed pixel data against the header: the number of frames it holds (Basic Offset Table, else the
+    fragments that start a JPEG / JPEG 2000 codestream, else one fragment per frame as RLE stores them; PS3.5
+    A.4) and the size its first codestream declares."""
+    from pydicom.encaps import generate_fragments, parse_basic_offsets
+
+    try:
+        offsets = parse_basic_offsets(ds.PixelData)
+        fragments = list(generate_fragments(ds.PixelData))
+    except Exception as error:  # noqa: BLE001 - malformed encapsulation
+        raise ValueError(f"{path}: malformed encapsulated pixel data ({_one_line(error)})") from None
+    if not fragments:
+        raise ValueError(f"{path}: the encapsulated pixel data holds no fragment")
+    starts = [f for f in fragments if f.startswith(FRAME_STARTS)]
+    held = len(offsets) if offsets else (len(starts) or len(fragments))
+    if held != frames:
+        raise ValueError(f"{path}: the pixel data holds {held} frame(s), the header's NumberOfFrames says {frames}")
+    geometry = _codestream_geometry(starts[0]) if starts else None
+    if geometry is not None and geometry != (rows, columns, samples):
+        raise ValueError(f"{path}: the compressed image is {geometry[0]} x {geometry[1]} with {geometry[2]} "
+                         f"component(s), the header says Rows {rows} x Columns {columns} x SamplesPerPixel {samples}")
+
+
 def read_ultrasound_dicom(path) -> tuple[np.ndarray, tuple[float, float] | None, dict]:
     """(frames (F, H, W) or (F, H, W, 3) uint8, pixel size (sx, sy) mm or None, info) of one DICOM file.
 
-    Raises ValueError naming the file when it is not DICOM, holds no image, or its compression has no decoder.
+    Raises one ValueError naming the file and the problem when it is empty, not DICOM, truncated or unparseable,
+    holds no image, lacks or contradicts its Image Pixel module (a frame count or size that disagrees with the pixel
+    data is an error, not a guess), has a PALETTE COLOR image without its lookup table, an implausible pixel size,
+    or a compression without a decoder.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    import warnings
+
     from pydicom.pixels import apply_color_lut
 
     path = Path(path)
-    try:
-        ds = pydicom.dcmread(str(path))
-    except (InvalidDicomError, OSError) as error:
-        raise ValueError(f"{path}: not a readable DICOM file ({error})") from None
+    ds = _read_dataset(path)
     if "PixelData" not in ds:
         sop = getattr(ds, "SOPClassUID", None)
-        raise ValueError(f"{path}: the DICOM holds no image ({getattr(sop, 'name', sop) or 'no SOP class'})")
-    syntax = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else None
+        name = str(getattr(sop, "name", sop) or "")
+        damaged = not name or "Image Storage" in name  # an image class without pixels: cut short or misparsed
+        raise ValueError(f"{path}: the DICOM holds no image ({name or 'no SOP class'}"
+                         f"{'; the file is truncated or damaged' if damaged else ''})")
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.TransferSyntaxUID if meta is not None and "TransferSyntaxUID" in meta else None
+    header = _check_image_pixel_module(ds, path, syntax)
+    size, source = dicom_pixel_size(ds, str(path))
     try:
-        pixels = ds.pixel_array
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the header was checked above; pydicom's guesses are not wanted
+            pixels = ds.pixel_array
+            if header["photometric"] == "PALETTE COLOR":
+                pixels = apply_color_lut(pixels, ds)
     except Exception as error:  # pydicom raises several types when no plugin can decode the syntax
         name = getattr(syntax, "name", syntax)
-        raise ValueError(
-            f"{path}: cannot decode its pixel data ({name}): {error}. JPEG and JPEG 2000 need the pylibjpeg plugins "
-            "(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg)"
-        ) from None
-    photometric = str(ds.PhotometricInterpretation)
-    if photometric == "PALETTE COLOR":
-        pixels = apply_color_lut(pixels, ds)
-    elif photometric == "MONOCHROME1":
-        pixels = pixels.max() - pixels
-    frames_count = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    colour = pixels.shape[-1] == 3 and pixels.ndim in (3, 4) and photometric not in ("MONOCHROME1", "MONOCHROME2")
-    if frames_count == 1 and pixels.ndim == (3 if colour else 2):
+        missing = any(word in str(error).lower() for word in ("plugin", "handler", "missing"))
+        hint = (". JPEG and JPEG 2000 need the pylibjpeg plugins (pip install pylibjpeg pylibjpeg-libjpeg "
+                "pylibjpeg-openjpeg)") if missing else ""
+        raise ValueError(f"{path}: cannot decode its pixel data ({name}): {_one_line(error)}{hint}") from None
+    pixels = np.asarray(pixels)
+    colour = header["samples"] == 3 or header["photometric"] == "PALETTE COLOR"
+    if header["frames"] == 1 and pixels.ndim == (3 if colour else 2):
         pixels = pixels[None]
-    frames = _to_uint8(np.asarray(pixels), int(getattr(ds, "BitsStored", 8)))
-    size, source = dicom_pixel_size(ds)
-    info = {"frames": frames.shape[0], "photometric": photometric, "transfer_syntax": str(getattr(syntax, "name", syntax)),
-            "pixel_size_source": source, "modality": str(getattr(ds, "Modality", ""))}
+    expected = (header["frames"], header["rows"], header["columns"], *((3,) if colour else ()))
+    if pixels.shape != expected:
+        raise ValueError(f"{path}: decoded pixels have shape {pixels.shape}, the header (NumberOfFrames, Rows, "
+                         f"Columns, samples) says {expected}")
+    if header["photometric"] == "MONOCHROME1":
+        pixels = pixels.max() - pixels
+    frames = _to_uint8(pixels, header["bits"])
+    info = {"frames": frames.shape[0], "photometric": header["photometric"],
+            "transfer_syntax": str(getattr(syntax, "name", syntax)), "pixel_size_source": source,
+            "modality": str(getattr(ds, "Modality", ""))}
     return frames, size, info
 
 

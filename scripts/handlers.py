@@ -22,7 +22,7 @@ from scripts.biometry import fit_ellipse
 from scripts.files import write_atomic
 from scripts.metrics import paper_grid_metrics, pixel_size_pair, segmentation_metrics
 
-__all__ = ["MetricsWriter", "TrainingCurves", "write_atomic"]
+__all__ = ["MetricsWriter", "TrainingCurves", "track_loss_terms", "write_atomic"]
 
 logger = logging.getLogger(__name__)
 
@@ -376,3 +376,21 @@ class TrainingCurves:
             ax_val.legend(handles, labels, fontsize=7, loc="center right")
         fig.tight_layout()
         write_atomic(self.output_dir / "training_curves.png", lambda f: fig.savefig(f, format="png"), binary=True)
+
+
+def track_loss_terms(handlers: Sequence[Any], params: dict | None = None) -> int:
+    """Make MONAI's MLflow tracking (``monai.bundle run --tracking mlflow``) log what this trainer computes.
+
+    MONAI appends to ``train#handlers`` an ``MLFlowHandler`` that logs ``output["loss"]`` only. Each one found in
+    ``handlers`` then logs every loss term and weight of :func:`scripts.trainer.loss_terms` per iteration, and
+    ``params`` (the run's settings) as the MLflow run's parameters. Returns how many it changed (0 without tracking).
+    """
+    from monai.handlers import MLFlowHandler
+
+    from scripts.trainer import loss_terms
+
+    found = [h for h in handlers if isinstance(h, MLFlowHandler)]
+    for handler in found:
+        handler.output_transform = loss_terms
+        handler.experiment_param = {**(handler.experiment_param or {}), **(params or {})}
+    return len(found)

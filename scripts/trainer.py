@@ -48,6 +48,12 @@ class SemiSupervisedLoader:
 
     Each loader reshuffles when it wraps; a DistributedSampler gets its epoch advanced at each wrap so that every
     pass sees a new order on every rank. ``unlabeled`` is omitted when no unlabelled loader is given.
+
+    Resumable: :meth:`state_dict` holds, per loader, the passes completed, the batches drawn in the current pass and
+    the random state that pass started from (the generator its shuffle and worker seeds are drawn from, and the
+    generators of its dataset's random transforms). After :meth:`load_state_dict`, the first iteration re-creates
+    that pass and draws again the batches already taken (the global generators are left as they were), so the
+    batches that follow equal the uninterrupted run's, with or without workers (``persistent_workers=False``).
     """
 
     def __init__(self, labeled: DataLoader, unlabeled: DataLoader | None = None) -> None:
@@ -64,19 +70,56 @@ class SemiSupervisedLoader:
                     f"{unlabeled.batch_size}; add unlabelled images or lower the unlabelled batch size"
                 )
             self.loaders["unlabeled"] = unlabeled
+        self.progress = {name: {"passes": 0, "position": 0, "start": None} for name in self.loaders}
+        self._resume: dict[str, dict] = {}
+
+    def state_dict(self) -> dict:
+        return {name: dict(progress) for name, progress in self.progress.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.loaders):
+            raise ValueError(f"the checkpoint's data order covers {sorted(state)}, this run's loaders are "
+                             f"{sorted(self.loaders)}: resume with the configuration the checkpoint was trained with")
+        self._resume = {name: dict(progress) for name, progress in state.items()}
+        self.progress = {name: dict(progress) for name, progress in state.items()}
 
     @staticmethod
-    def _cycle(loader: DataLoader) -> Iterator:
+    def _generator(loader: DataLoader) -> torch.Generator:
+        return loader.generator if loader.generator is not None else torch.default_generator
+
+    def _start_pass(self, name: str, loader: DataLoader) -> Iterator:
+        """A new pass over ``loader``, or on resume the interrupted pass with its drawn batches skipped."""
+        from scripts.checkpoints import RandomGeneratorState, set_transform_random_states, transform_random_states
+
+        progress, resume = self.progress[name], self._resume.pop(name, None)
+        if resume is None or resume["start"] is None:
+            progress["start"] = {"generator": self._generator(loader).get_state(),
+                                 "transforms": transform_random_states(loader.dataset)}
+            progress["position"] = 0
+            return iter(loader)
+        generators = RandomGeneratorState()
+        outside = generators.state_dict()  # the global generators as the checkpoint restored them
+        self._generator(loader).set_state(resume["start"]["generator"])
+        set_transform_random_states(loader.dataset, resume["start"]["transforms"])
+        batches = iter(loader)
+        for _ in range(resume["position"]):
+            next(batches)
+        generators.load_state_dict(outside)
+        return batches
+
+    def _cycle(self, name: str, loader: DataLoader) -> Iterator:
         sampler = getattr(loader, "sampler", None)
-        passes = 0
+        progress = self.progress[name]
         while True:
             if isinstance(sampler, DistributedSampler):
-                sampler.set_epoch(passes)
-            yield from loader
-            passes += 1
+                sampler.set_epoch(progress["passes"])
+            for batch in self._start_pass(name, loader):
+                progress["position"] += 1
+                yield batch
+            progress["passes"] += 1
 
     def __iter__(self) -> Iterator[dict]:
-        streams = {name: self._cycle(loader) for name, loader in self.loaders.items()}
+        streams = {name: self._cycle(name, loader) for name, loader in self.loaders.items()}
         while True:
             yield {name: next(stream) for name, stream in streams.items()}
 

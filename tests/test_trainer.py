@@ -275,6 +275,69 @@ def test_fp16_autocast_uses_one_gradient_scaler():
         make_trainer(amp=True, amp_dtype="float8")
 
 
+def random_transform_loaders(num_workers: int) -> SemiSupervisedLoader:
+    """Two shuffled MONAI loaders whose datasets have random transforms (numpy generators in the transforms)."""
+    from monai.data import DataLoader as MonaiDataLoader
+    from monai.data import Dataset
+    from monai.transforms import Compose, RandFlipd, RandGaussianNoised
+
+    def dataset(n):
+        items = [{"image": torch.full((1, 4, 4), float(i))} for i in range(n)]
+        return Dataset(items, Compose([RandGaussianNoised("image", prob=0.5), RandFlipd("image", prob=0.5)]))
+
+    return SemiSupervisedLoader(
+        MonaiDataLoader(dataset(4), batch_size=2, shuffle=True, drop_last=True, num_workers=num_workers),
+        MonaiDataLoader(dataset(6), batch_size=4, shuffle=True, drop_last=True, num_workers=num_workers),
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_state_resumes_the_same_batches(num_workers):
+    """A loader rebuilt from scratch and given the state_dict continues with exactly the batches, shuffles and random
+    transform draws of the uninterrupted one, across wraps, while the training draws from the global generators."""
+    from scripts.checkpoints import RandomGeneratorState
+
+    def draw(stream, n):
+        out = []
+        for _ in range(n):
+            batch = next(stream)
+            out.append((batch["labeled"]["image"].clone(), batch["unlabeled"]["image"].clone()))
+            torch.rand(3)  # the training's own draws between batches (dropout, ICT mixing)
+        return out
+
+    torch.manual_seed(0)
+    loader = random_transform_loaders(num_workers)
+    stream = iter(loader)
+    first = draw(stream, 5)  # the labelled loader (2 batches a pass) wraps twice, the unlabelled (1 a pass) five times
+    state, generators = loader.state_dict(), RandomGeneratorState().state_dict()
+    assert state["labeled"]["passes"] == 2 and state["labeled"]["position"] == 1
+    expected = draw(stream, 4)
+
+    torch.manual_seed(123)  # the resumed process starts from elsewhere
+    resumed = random_transform_loaders(num_workers)
+    resumed.load_state_dict(state)
+    RandomGeneratorState().load_state_dict(generators)
+    again = draw(iter(resumed), 4)
+    for (l0, u0), (l1, u1) in zip(expected, again):
+        assert torch.equal(l0, l1) and torch.equal(u0, u1)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first[:4], expected))  # the batches do change
+
+
+def test_random_generator_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from scripts.checkpoints import RandomGeneratorState
+
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    torch.save({"rng": RandomGeneratorState().state_dict()}, tmp_path / "c.pt")
+    expected = (torch.rand(2), np.random.rand(2), random.random(), np.random.randn())
+    RandomGeneratorState().load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True)["rng"])
+    got = (torch.rand(2), np.random.rand(2), random.random(), np.random.randn())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2:] == got[2:]
+
+
 def test_same_batch_supervised_forward_sees_the_unlabelled_rows_but_scores_only_the_labelled():
     """forward_unlabeled: the UNeXt's forward (and its batch-norm statistics) take labelled + unlabelled rows; the
     loss is the supervised loss of the labelled rows alone."""

@@ -1,37 +1,46 @@
 """Speed and memory benchmarks that print figures (median of several runs after warm-up, same machine, side by side).
 
     python -m scripts.benchmark iteration --sizes "[224, 448]" --runs 5 --amp "[False, True]" [--device cuda]
+    python -m scripts.benchmark iteration --sizes "[224]" --amp "[False]" --against d0bc723 --pairs 3
     python -m scripts.benchmark latency --sizes "[224, 448]" --runs 20 --threads 2
     python -m scripts.benchmark pipeline --n_images 100 --threads 2
 
 ``iteration`` times one full training iteration of the method (both networks, teacher, every loss, backward, both
 optimiser steps, EMA update) on random tensors with ICT active, each setting in a fresh process so that its peak
-memory is its own (resident memory on CPU; allocated GPU memory on CUDA). ``latency`` times batch-1 UNeXt
-inference in eager PyTorch, TorchScript and ONNX Runtime (and the Swin-Unet in eager for scale). ``pipeline``
-runs ``configs/inference.json`` end to end on a folder of phantom images and sets its throughput beside the bare
-network forward, with a stage-by-stage breakdown of where the rest of the time goes.
+memory is its own (resident memory on CPU; allocated GPU memory on CUDA), with the process's CPU time, kernel
+(system) time and minor page faults per iteration. ``--against REV`` also runs the same measurement on the code of
+another git revision (its files extracted to a temporary folder, imported by the child process in place of this
+checkout's ``scripts``), alternating the two in fresh processes (A B A B ...), and reports the median ratio.
+``latency`` times batch-1 UNeXt inference in eager PyTorch, TorchScript and ONNX Runtime (and the Swin-Unet in
+eager for scale). ``pipeline`` runs ``configs/inference.json`` end to end on a folder of phantom images and sets its
+throughput beside the bare network forward, with a stage-by-stage breakdown of where the rest of the time goes.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import io
+import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import fire
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+# the iteration benchmark's child process may import an older revision's scripts package in place of this one:
+# module-level imports are kept to what every revision has
 from scripts.networks import SwinUnet, UNeXt
-from scripts.onnx_network import export_onnx, onnx_session
 from scripts.trainer import DualNetworkTrainer, SemiSupervisedLoader
 
-__all__ = ["iteration_times", "inference_times", "median_ms"]
+__all__ = ["iteration_times", "measure_iterations", "inference_times", "median_ms", "side_by_side"]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +54,8 @@ def _trainer(size: int, labeled_batch: int, unlabeled_batch: int, iterations: in
              device: torch.device) -> DualNetworkTrainer:
     g = torch.Generator().manual_seed(0)
     labeled = [
-        {"image": torch.rand(3, size, size, generator=g), "label": (torch.rand(1, size, size, generator=g) > 0.5).float()}
+        {"image": torch.rand(3, size, size, generator=g),
+         "label": (torch.rand(1, size, size, generator=g) > 0.5).float()}
         for _ in range(2 * labeled_batch)
     ]
     unlabeled = [{"image": torch.rand(3, size, size, generator=g)} for _ in range(2 * unlabeled_batch)]
@@ -61,45 +71,133 @@ def _trainer(size: int, labeled_batch: int, unlabeled_batch: int, iterations: in
     )
 
 
-def iteration_times(size: int = 224, labeled_batch: int = 1, unlabeled_batch: int = 4, runs: int = 5,
-                    warmup: int = 2, amp: bool = False, device: str = "cpu") -> list[float]:
-    """Seconds of each timed training iteration (after ``warmup`` untimed ones); the GPU is synchronised."""
+#: what :func:`measure_iterations` records per iteration
+ITERATION_FIGURES = ("seconds", "user_s", "system_s", "minor_faults")
+
+
+def _usage() -> tuple[float, float, int]:
+    """This process's user and system CPU seconds and minor page faults so far (every thread)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime, r.ru_minflt
+
+
+def measure_iterations(size: int = 224, labeled_batch: int = 1, unlabeled_batch: int = 4, runs: int = 5,
+                       warmup: int = 2, amp: bool = False, device: str = "cpu") -> dict[str, list[float]]:
+    """Per timed training iteration (after ``warmup`` untimed ones): wall seconds (the GPU synchronised), user and
+    system CPU seconds and minor page faults of this process, as lists under :data:`ITERATION_FIGURES`."""
     from ignite.engine import Events
 
     device = torch.device(device)
     trainer = _trainer(size, labeled_batch, unlabeled_batch, warmup + runs, amp, device)
-    stamps: list[float] = []
+    stamps: list[tuple[float, float, float, int]] = []
 
     def stamp(_):
         _sync(device)
-        stamps.append(time.perf_counter())
+        stamps.append((time.perf_counter(), *_usage()))
 
     trainer.add_event_handler(Events.ITERATION_STARTED, stamp)
     trainer.add_event_handler(Events.COMPLETED, stamp)
     trainer.run()
-    return [t1 - t0 for t0, t1 in zip(stamps, stamps[1:])][warmup:]
+    deltas = [[b - a for a, b in zip(s0, s1)] for s0, s1 in zip(stamps, stamps[1:])][warmup:]
+    return {name: [d[i] for d in deltas] for i, name in enumerate(ITERATION_FIGURES)}
 
 
-def _iteration_child(queue, kwargs: dict) -> None:
-    device = torch.device(kwargs["device"])
+def iteration_times(size: int = 224, labeled_batch: int = 1, unlabeled_batch: int = 4, runs: int = 5,
+                    warmup: int = 2, amp: bool = False, device: str = "cpu") -> list[float]:
+    """Seconds of each timed training iteration (after ``warmup`` untimed ones); the GPU is synchronised."""
+    return measure_iterations(size, labeled_batch, unlabeled_batch, runs, warmup, amp, device)["seconds"]
+
+
+def iteration_child(keep_freed_memory: bool | None = None, threads: int | None = None, **kwargs) -> dict:
+    """One process's share of the iteration benchmark: :func:`measure_iterations` on the ``scripts`` package this
+    process imports, with the peak memory, the code measured and how malloc was set.
+
+    ``keep_freed_memory``: None sets malloc as that code's training config does (``scripts.settings.
+    keep_freed_memory`` where the revision has it), True or False forces it on or off.
+    """
+    import scripts
+    from scripts import settings
+
+    if threads:
+        torch.set_num_threads(threads)
+    keep = getattr(settings, "keep_freed_memory", None)
+    if keep_freed_memory and keep is None:
+        raise ValueError(f"{Path(scripts.__file__).parent} has no scripts.settings.keep_freed_memory to switch on")
+    malloc = bool(keep()) if keep is not None and keep_freed_memory is not False else False
+    device = torch.device(kwargs.get("device", "cpu"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = iteration_times(**kwargs)
-    peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    result = measure_iterations(**kwargs)
+    result.update(peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, malloc_kept=malloc,
+                  code=str(Path(scripts.__file__).resolve().parents[1]), threads=torch.get_num_threads())
     if device.type == "cuda":
-        peak["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
-    queue.put({"times": times, **peak})
-
-
-def _in_fresh_process(target: Callable, kwargs: dict) -> dict:
-    """Run ``target(queue, kwargs)`` in a spawned process and return what it put on the queue."""
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(queue, kwargs))
-    proc.start()
-    result = queue.get()
-    proc.join()
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
     return result
+
+
+# run in the child: load this file as a module (its `scripts` imports resolve in the child's working directory, the
+# code measured), then print iteration_child's result as one JSON line
+_CHILD = """import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("_iteration_benchmark", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print("RESULT " + json.dumps(module.iteration_child(**json.loads(sys.argv[2]))), flush=True)
+"""
+
+
+def run_iteration_child(code_root: str | Path, **kwargs) -> dict:
+    """:func:`iteration_child` in a fresh Python process whose ``scripts`` package is the one in ``code_root``."""
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(Path(__file__).resolve()), json.dumps(kwargs)],
+                          cwd=code_root, capture_output=True, text=True)
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not results:
+        raise RuntimeError(f"the iteration benchmark failed in {code_root} (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(results[-1][len("RESULT "):])
+
+
+def extract_revision(revision: str, into: Path) -> str:
+    """Write the files of git ``revision`` of this repository into ``into`` (``git archive``: no worktree, branch or
+    index is touched); returns the commit's short hash."""
+    found = subprocess.run(["git", "-C", str(BUNDLE_ROOT), "rev-parse", "--short", "--verify",
+                            f"{revision}^{{commit}}"], capture_output=True, text=True)
+    if found.returncode:
+        raise ValueError(f"--against {revision!r} is not a commit of the repository at {BUNDLE_ROOT}")
+    commit = found.stdout.strip()
+    archive = subprocess.run(["git", "-C", str(BUNDLE_ROOT), "archive", "--format=tar", commit], capture_output=True,
+                             check=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return commit
+
+
+def side_by_side(code: dict[str, tuple[Path, bool | None]], pairs: int,
+                 report: Callable[[str, dict], object] | None = None, **kwargs) -> dict[str, list[dict]]:
+    """Each ``label: (code_root, keep_freed_memory)`` measured ``pairs`` times, alternating A B A B ... in fresh
+    processes, so that a change in the machine's load falls on both sides alike; ``report(label, result)`` is called
+    after each process."""
+    results: dict[str, list[dict]] = {label: [] for label in code}
+    for _ in range(pairs):
+        for label, (root, keep) in code.items():
+            results[label].append(run_iteration_child(root, keep_freed_memory=keep, **kwargs))
+            if report is not None:
+                report(label, results[label][-1])
+    return results
+
+
+def _pooled_medians(results: Sequence[dict]) -> dict[str, float]:
+    return {name: statistics.median(v for r in results for v in r[name]) for name in ITERATION_FIGURES}
+
+
+def _iteration_line(label: str, results: Sequence[dict]) -> str:
+    m = _pooled_medians(results)
+    n = sum(len(r["seconds"]) for r in results)
+    memory = f"peak RSS {max(r['peak_rss_gb'] for r in results):.1f} GB"
+    if "peak_gpu_gb" in results[0]:
+        memory += f", peak GPU {max(r['peak_gpu_gb'] for r in results):.2f} GB"
+    return (f"{label}: median {m['seconds']:.3f} s/iter (n={n}); CPU {m['user_s'] + m['system_s']:.2f} s of which "
+            f"system {m['system_s']:.2f} s; {m['minor_faults'] / 1e3:.0f} k minor page faults; {memory}; "
+            f"malloc kept: {'/'.join(sorted({str(r['malloc_kept']) for r in results}))}")
 
 
 def inference_times(run: Callable[[], object], runs: int = 20, warmup: int = 3,
@@ -120,21 +218,24 @@ def median_ms(times: Sequence[float]) -> float:
     return 1000.0 * statistics.median(times)
 
 
-def pipeline_report(work: Path, n_images: int, runs: int, input_dir: str | None, model: str | None) -> dict:
-    """Time ``configs/inference.json`` on ``n_images`` images and break an image's time into stages.
+def pipeline_report(work: Path, n_images: int, runs: int, input_dir: str | None, model: str | None,
+                    batch_size: int | None = None, num_workers: int | None = None,
+                    writer_threads: int | None = None, stage_images: int = 20) -> dict:
+    """Throughput of ``configs/inference.json`` on ``n_images`` images against the bare UNeXt forward at its batch
+    size, and what each stage of an image costs when timed alone.
 
-    Stages come from the evaluator's own events: loading (GET_BATCH_STARTED..COMPLETED, split into decoding, timed
-    alone with the config's LoadImaged + EnsureChannelFirstd, and the rest of the preprocessing), the forward
-    (ITERATION_STARTED..FORWARD_COMPLETED), postprocessing (..MODEL_COMPLETED: softmax, Invertd back to the
-    original size, argmax, SaveImaged) and the handlers (..ITERATION_COMPLETED: the ellipse measurement, timed
-    alone on the written masks, and the overlay PNG).
+    End to end (median of ``runs``, images per second): the default outputs without overlays (masks and
+    measurements) and with overlays. ``batch_size``, ``num_workers`` and ``writer_threads`` are the config's unless
+    given. The stages (decoding, the rest of the preprocessing, the forward at that batch size, the postprocessing
+    up to the mask, writing the mask, the measurement, the overlay) are timed one after the other on the first
+    ``stage_images`` images in this thread: the pipeline overlaps them (DataLoader workers decode, threads measure
+    and draw), so their sum is the CPU work per image, not the pipeline's time per image.
     """
-    from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
-    from monai.engines.utils import IterationEvents
+    from monai.data import MetaTensor
 
     from scripts.data.phantom import generate_phantom
-    from scripts.inference import list_images
+    from scripts.inference import MeasurementWriter, OverlayWriter, list_images
 
     if input_dir is None:
         input_dir = str(generate_phantom(work / "phantom", num_subjects=n_images, progress=False))
@@ -149,95 +250,131 @@ def pipeline_report(work: Path, n_images: int, runs: int, input_dir: str | None,
     else:
         (ckpt_dir / "model.pt").write_bytes(Path(model).read_bytes())
         described = model
-    workflow = ConfigWorkflow(config_file=str(BUNDLE_ROOT / "configs" / "inference.json"), workflow_type="infer",
-                              meta_file=str(BUNDLE_ROOT / "configs" / "metadata.json"), bundle_root=str(BUNDLE_ROOT),
-                              ckpt_dir=str(ckpt_dir), output_dir=str(work / "out"), datalist=files,
-                              device=torch.device("cpu"))
-    workflow.initialize()
-    evaluator = workflow.parser.get_parsed_content("evaluator")
-    stamps: dict[str, list[float]] = {}
+    given = {"batch_size": batch_size, "num_workers": num_workers, "writer_threads": writer_threads}
+    overrides = {k: v for k, v in given.items() if v is not None}
 
-    def at(name):
-        return lambda _: stamps.setdefault(name, []).append(time.perf_counter())
+    throughput = {}
+    for setting, overlays, out in (("masks_measurements", False, "out_no_overlays"), ("with_overlays", True, "out")):
+        workflow = ConfigWorkflow(config_file=str(BUNDLE_ROOT / "configs" / "inference.json"), workflow_type="infer",
+                                  meta_file=str(BUNDLE_ROOT / "configs" / "metadata.json"),
+                                  bundle_root=str(BUNDLE_ROOT), ckpt_dir=str(ckpt_dir), output_dir=str(work / out),
+                                  datalist=files, device=torch.device("cpu"), progress=False,
+                                  save_overlays=overlays, **overrides)
+        workflow.initialize()
+        totals = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            workflow.run()
+            totals.append(time.perf_counter() - t0)
+        throughput[setting] = len(files) / statistics.median(totals)
+    parser = workflow.parser
+    settings = {k: int(parser.get_parsed_content(k)) for k in given}
+    size = tuple(int(s) for s in parser.get_parsed_content("spatial_size"))
 
-    for event, name in ((Events.GET_BATCH_STARTED, "load0"), (Events.GET_BATCH_COMPLETED, "load1"),
-                        (Events.ITERATION_STARTED, "it0"), (IterationEvents.FORWARD_COMPLETED, "fwd"),
-                        (IterationEvents.MODEL_COMPLETED, "post"), (Events.ITERATION_COMPLETED, "done")):
-        evaluator.add_event_handler(event, at(name))
-    totals = []
-    for _ in range(runs):
-        stamps.clear()
-        t0 = time.perf_counter()
-        workflow.run()
-        totals.append(time.perf_counter() - t0)
-    size = tuple(int(s) for s in workflow.parser.get_parsed_content("spatial_size"))
-
-    loader = workflow.parser.get_parsed_content("preprocessing").transforms[:2]  # LoadImaged, EnsureChannelFirstd
-    decode = []
-    for item in files:
-        t0 = time.perf_counter()
-        data = dict(item)
-        for t in loader:
-            data = t(data)
-        decode.append(time.perf_counter() - t0)
-    image_size = tuple(int(s) for s in data["image"].shape[1:])
-
-    net = UNeXt().eval()
-    x = torch.rand(1, 3, *size)
+    net = parser.get_parsed_content("network").eval()
+    net.load_state_dict(torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True))
+    batch = settings["batch_size"]
     with torch.no_grad():
-        forward = [statistics.median(inference_times(lambda: net(x), runs=len(files), warmup=3)) for _ in range(runs)]
+        x = torch.rand(batch, 3, *size)
+        per_batch = statistics.median(inference_times(lambda: net(x), runs=max(3, len(files) // batch), warmup=2))
+    throughput["bare_forward"] = batch / per_batch
 
-    from PIL import Image
+    preprocessing = parser.get_parsed_content("preprocessing")
+    postprocessing = parser.get_parsed_content("postprocessing").transforms
+    to_mask = [t for t in postprocessing if type(t).__name__ != "SaveImaged"]
+    save_mask = [t for t in postprocessing if type(t).__name__ == "SaveImaged"]
+    measurer = MeasurementWriter(str(work / "stages"), sector_key="original")
+    drawer = OverlayWriter(str(work / "stages"), max_size=parser.get_parsed_content("overlay_max_size"))
+    stages: dict[str, list[float]] = {}
 
-    from scripts.biometry import fit_ellipse
-
-    fits = []  # the ellipse fit alone, on the masks the run wrote
-    for mask_file in sorted((work / "out").glob("*_mask.png"))[: len(files)]:
-        mask = np.asarray(Image.open(mask_file)).T
+    def timed(stage: str, run: Callable[[], object]):
         t0 = time.perf_counter()
-        fit_ellipse(mask, (0.1, 0.1))
-        fits.append(time.perf_counter() - t0)
+        result = run()
+        stages.setdefault(stage, []).append(1000.0 * (time.perf_counter() - t0))
+        return result
 
-    # means over the images of the last run, so that the stages and the rest add up to its time per image
-    ms = lambda a, b: 1000.0 * statistics.fmean(y - x for x, y in zip(stamps[a], stamps[b]))  # noqa: E731
-    load = ms("load0", "load1")
-    fit_ms = 1000.0 * statistics.fmean(fits) if fits else 0.0
-    stages = {
-        "decode the file (LoadImaged)": 1000.0 * statistics.fmean(decode),
-        "rest of preprocessing (scale, resize)": load - 1000.0 * statistics.fmean(decode),
-        "forward (prepare_batch + UNeXt)": ms("it0", "fwd"),
-        "postprocess (softmax, Invertd, save)": ms("fwd", "post"),
-        "ellipse fit (timed alone)": fit_ms,
-        "overlay: tint, outline, ellipse, PNG": ms("post", "done") - fit_ms,
-    }
-    pipeline_ms = 1000.0 * statistics.median(totals) / len(files)
-    stages["engine, loader and handler overhead (rest)"] = 1000.0 * totals[-1] / len(files) - sum(stages.values())
-    return {"n_images": len(files), "image_size": image_size, "spatial_size": size, "model": described,
-            "forward_ms": 1000.0 * statistics.median(forward), "pipeline_ms": pipeline_ms, "stages_ms": stages}
+    def chain(transforms, data):
+        for t in transforms:
+            data = t(data)
+        return data
+
+    for item in files[:stage_images]:
+        data = timed("decode the file (LoadImaged, EnsureChannelFirstd)",
+                     lambda: chain(preprocessing.transforms[:2], dict(item)))
+        data = timed("rest of the preprocessing (scale, resize)", lambda: chain(preprocessing.transforms[2:], data))
+        with torch.no_grad():
+            logits = net(data["image"].as_tensor()[None])[0]
+        data["pred"] = MetaTensor(logits)
+        data = timed("postprocess to the mask (softmax, Invertd, argmax, clean)", lambda: chain(to_mask, data))
+        timed("write the mask PNG (SaveImaged)", lambda: chain(save_mask, dict(data)))
+        name = Path(item["image"]).name
+        _, fit = timed("measure (ellipse fit, quality flags, sector)",
+                       lambda: measurer.measure(data["pred"], item.get("pixel_size_mm"), name, data["original"]))
+        measurement = {"fit": fit, "pixel_size": (1.0, 1.0)}
+        timed("overlay PNG (draw at display size, write)",
+              lambda: drawer.write(data["original"], data["pred"], Path(name).stem, measurement))
+    items = [(stage, statistics.fmean(values)) for stage, values in stages.items()]
+    items.insert(2, (f"forward (batch {batch}, per image)", 1000.0 * per_batch / batch))
+    image_size = tuple(int(s) for s in data["original"].shape[1:])
+    return {"n_images": len(files), "image_size": image_size, "spatial_size": size, "model": described, **settings,
+            "images_per_s": throughput, "stages_ms": dict(items)}
 
 
 class Benchmarks:
+    """``python -m scripts.benchmark iteration``, ``latency`` and ``pipeline``."""
+
     def iteration(self, sizes: Sequence[int] = (224, 448), runs: int = 5, warmup: int = 2, labeled_batch: int = 1,
-                  unlabeled_batch: int = 4, amp: Sequence[bool] = (False, True), device: str = "cpu") -> None:
-        """Median s/iter of the full method per input size and precision, and each setting's peak memory."""
-        where = torch.cuda.get_device_name(0) if torch.device(device).type == "cuda" else f"{torch.get_num_threads()} threads"
+                  unlabeled_batch: int = 4, amp: Sequence[bool] = (False, True), device: str = "cpu",
+                  threads: int | None = None, against: str | None = None, pairs: int = 3,
+                  keep_freed_memory: bool | None = None) -> None:
+        """Median s/iter of the full method per input size and precision, with CPU and kernel time, minor page
+        faults and peak memory; ``--against REV`` sets this checkout beside git revision REV (A B A B ...,
+        ``pairs`` processes each) and reports the median of the pairs' time ratios. ``--threads`` sets torch's
+        thread count (default: torch's own); ``--keep_freed_memory True/False`` forces the malloc setting on or off
+        on both sides (default: as each side's training config sets it)."""
+        if torch.device(device).type == "cuda":
+            where = torch.cuda.get_device_name(0)
+        else:
+            where = (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
+                     f"{'yes' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'no'}, "
+                     f"{threads or torch.get_num_threads()} threads")
         print(f"torch {torch.__version__}, {device} ({where}), batch {labeled_batch} + {unlabeled_batch}, "
-              f"median of {runs} after {warmup} warm-up, each setting in a fresh process", flush=True)
-        for size in sizes:
-            for use_amp in amp:
-                kwargs = dict(size=size, labeled_batch=labeled_batch, unlabeled_batch=unlabeled_batch, runs=runs,
-                              warmup=warmup, amp=use_amp, device=device)
-                r = _in_fresh_process(_iteration_child, kwargs)
-                t = r["times"]
-                memory = f"peak RSS {r['peak_rss_gb']:.1f} GB"
-                if "peak_gpu_gb" in r:
-                    memory += f", peak GPU memory {r['peak_gpu_gb']:.2f} GB"
-                print(f"{size:4d} px  {'bf16 autocast' if use_amp else 'fp32         '}  median "
-                      f"{statistics.median(t):7.3f} s/iter  (min {min(t):.3f}, max {max(t):.3f}, n={len(t)})  {memory}",
-                      flush=True)
+              f"median of {runs} after {warmup} warm-up, every process fresh", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            code = {"this checkout": (BUNDLE_ROOT, keep_freed_memory)}
+            if against is not None:
+                commit = extract_revision(against, Path(tmp))
+                code[commit] = (Path(tmp), keep_freed_memory)
+                print(f"side by side with {against} ({commit}), {pairs} processes each, alternating", flush=True)
+            for size in sizes:
+                for use_amp in amp:
+                    precision = "bf16 autocast" if use_amp else "fp32"
+                    kwargs = dict(size=size, labeled_batch=labeled_batch, unlabeled_batch=unlabeled_batch, runs=runs,
+                                  warmup=warmup, amp=use_amp, device=device, threads=threads)
+                    def progress(label: str, result: dict) -> None:
+                        times = ", ".join(f"{t:.2f}" for t in result["seconds"])
+                        print(f"  {size} px {precision}, {label}: {times} s", flush=True)
+
+                    results = side_by_side(code, pairs if against is not None else 1,
+                                           progress if against is not None else None, **kwargs)
+                    for label, res in results.items():
+                        print(f"{size:4d} px {precision:13s} {_iteration_line(label, res)}", flush=True)
+                    if against is not None:
+                        mine, theirs = results.values()
+                        ratios = [statistics.median(a["seconds"]) / statistics.median(b["seconds"])
+                                  for a, b in zip(mine, theirs)]
+                        cpu = [statistics.median(u + s for u, s in zip(a["user_s"], a["system_s"]))
+                               / statistics.median(u + s for u, s in zip(b["user_s"], b["system_s"]))
+                               for a, b in zip(mine, theirs)]
+                        r = statistics.median(ratios)
+                        print(f"{size:4d} px {precision:13s} this checkout / {commit}: median time ratio {r:.3f} "
+                              f"({1 / r:.2f}x; pairs {', '.join(f'{x:.3f}' for x in ratios)}), CPU-time ratio "
+                              f"{statistics.median(cpu):.3f}", flush=True)
 
     def latency(self, sizes: Sequence[int] = (224, 448), runs: int = 20, threads: int = 2, swin: bool = True) -> None:
         """Median batch-1 UNeXt inference in eager PyTorch, TorchScript (traced, frozen) and ONNX Runtime on CPU."""
+        from scripts.onnx_network import export_onnx, onnx_session
+
         torch.set_num_threads(threads)
         print(f"torch {torch.__version__}, {threads} threads, batch 1, median of {runs} after 3 warm-up", flush=True)
         with tempfile.TemporaryDirectory() as tmp, torch.inference_mode(False), torch.no_grad():
@@ -256,22 +393,32 @@ class Benchmarks:
                     print(f"{name:19s} {size:4d} px  median {median_ms(inference_times(run, runs)):7.1f} ms", flush=True)
 
     def pipeline(self, n_images: int = 100, threads: int = 2, runs: int = 3, input_dir: str | None = None,
-                 model: str | None = None, work_dir: str | None = None) -> None:
-        """``configs/inference.json`` on ``n_images`` phantom images (or ``input_dir``) vs the bare UNeXt forward."""
+                 model: str | None = None, work_dir: str | None = None, batch_size: int | None = None,
+                 num_workers: int | None = None, writer_threads: int | None = None) -> None:
+        """``configs/inference.json`` on ``n_images`` phantom images (or ``input_dir``), with and without overlays,
+        against the bare UNeXt forward at the same batch size; then each stage's cost per image, timed alone."""
         torch.set_num_threads(threads)
         with tempfile.TemporaryDirectory() as tmp:
-            report = pipeline_report(Path(work_dir or tmp), n_images, runs, input_dir, model)
+            report = pipeline_report(Path(work_dir or tmp), n_images, runs, input_dir, model, batch_size, num_workers,
+                                     writer_threads)
+        rates = report["images_per_s"]
         print(f"torch {torch.__version__}, {threads} threads; {report['n_images']} images of {report['image_size']} "
-              f"(W x H); model: {report['model']}; median of {runs} runs")
-        print(f"bare UNeXt forward (batch 1, {report['spatial_size']} px): {report['forward_ms']:.1f} ms/image = "
-              f"{1000 / report['forward_ms']:.1f} images/s")
-        print(f"inference.json end to end: {report['pipeline_ms']:.1f} ms/image = {1000 / report['pipeline_ms']:.1f} "
-              f"images/s = {report['forward_ms'] / report['pipeline_ms']:.2f} x the bare forward")
-        print(f"where an image's time goes in the last run ({sum(report['stages_ms'].values()):.1f} ms per image; "
-              "ms, mean over images):")
+              f"(W x H); model: {report['model']}; batch {report['batch_size']}, {report['num_workers']} DataLoader "
+              f"workers, {report['writer_threads']} writer threads; median of {runs} runs")
+        print(f"bare UNeXt forward (batch {report['batch_size']}, {report['spatial_size']} px): "
+              f"{rates['bare_forward']:.1f} images/s")
+        for setting, label in (("masks_measurements", "masks + measurements"), ("with_overlays", "+ overlays")):
+            print(f"inference.json, {label:20s}: {rates[setting]:6.1f} images/s = "
+                  f"{rates[setting] / rates['bare_forward']:.2f} x the bare forward")
+        print(f"each stage's cost per image, timed alone one after the other ({sum(report['stages_ms'].values()):.1f} "
+              "ms in all; the pipeline overlaps them):")
         for stage, ms in report["stages_ms"].items():
-            print(f"  {stage:38s} {ms:7.1f}")
+            print(f"  {stage:58s} {ms:7.1f} ms")
 
 
 if __name__ == "__main__":
-    fire.Fire(Benchmarks)
+    from scripts.cli import main
+
+    bench = Benchmarks()
+    main({"iteration": bench.iteration, "latency": bench.latency, "pipeline": bench.pipeline}, __doc__,
+         prog="python -m scripts.benchmark")

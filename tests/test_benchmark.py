@@ -1,14 +1,20 @@
-"""The inference-pipeline benchmark runs inference.json for real and accounts for an image's time by stage."""
+"""The inference-pipeline benchmark runs inference.json for real, with and without overlays, beside the bare
+forward at the same batch size, and times each stage of an image alone."""
 
 from scripts.benchmark import pipeline_report
 
 
-def test_pipeline_report_on_two_phantom_images(tmp_path):
-    report = pipeline_report(tmp_path, n_images=2, runs=1, input_dir=None, model=None)
-    assert report["n_images"] == 2 and report["image_size"] == (800, 540) and report["spatial_size"] == (224, 224)
-    masks = sorted((tmp_path / "out").glob("*_mask.png"))
-    assert len(masks) == 2 and len(list((tmp_path / "out").glob("*_overlay.png"))) == 2
+def test_pipeline_report_on_three_phantom_images(tmp_path):
+    report = pipeline_report(tmp_path, n_images=3, runs=1, input_dir=None, model=None, batch_size=2, num_workers=1,
+                             writer_threads=1, stage_images=2)
+    assert report["n_images"] == 3 and report["image_size"] == (800, 540) and report["spatial_size"] == (224, 224)
+    assert (report["batch_size"], report["num_workers"], report["writer_threads"]) == (2, 1, 1)
+    assert len(list((tmp_path / "out").glob("*_mask.png"))) == 3
+    assert len(list((tmp_path / "out").glob("*_overlay.png"))) == 3
+    assert len(list((tmp_path / "out_no_overlays").glob("*_mask.png"))) == 3
+    assert not list((tmp_path / "out_no_overlays").glob("*_overlay.png"))
+    assert set(report["images_per_s"]) == {"bare_forward", "masks_measurements", "with_overlays"}
+    assert all(v > 0 for v in report["images_per_s"].values())
     stages = report["stages_ms"]
-    measured = {k: v for k, v in stages.items() if not k.startswith("engine")}
-    assert all(v > 0 for v in measured.values()), stages
-    assert report["forward_ms"] > 0 and report["pipeline_ms"] > report["forward_ms"]
+    assert len(stages) == 7 and all(v > 0 for v in stages.values()), stages
+    assert list(stages)[2].startswith("forward (batch 2")

@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from scripts.networks import SwinUnet, UNeXt, load_swin_pretrained
-from scripts.networks.swin_unet import DropPath, shifted_window_mask, window_partition
+from scripts.networks.swin_unet import (
+    DropPath,
+    EncoderStage,
+    WindowAttention,
+    shifted_window_mask,
+    shifted_windows,
+    window_partition,
+    window_reverse,
+)
 from scripts.networks.unext import shift_tokens
 
 
@@ -159,6 +167,219 @@ def reference_shift_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
 @pytest.mark.parametrize("h,w", [(56, 56), (14, 28), (28, 14)])
 def test_shift_mask_matches_reference_loop(h, w):
     assert torch.equal(shifted_window_mask(h, w, 7, 3), reference_shift_mask(h, w, 7, 3))
+
+
+# ------------------------------------------------ fast Swin-Unet blocks vs the official code, written the textbook way
+# Plain transcriptions of github.com/HuCaoFighting/Swin-Unet (swin_transformer_unet_skip_expand_decoder_sys.py),
+# applied to our modules' parameters: the network's fast paths must give the same outputs and gradients.
+
+FAST_ATOL = 1e-5  # outputs (of order 1, sums of a few hundred fp32 products)
+# gradients, relative to each gradient's largest entry: a weight's gradient sums over every pixel of the batch (up to
+# 10^5 fp32 terms, added in another order by the fast path)
+FAST_GRAD_RTOL = 5e-5
+
+
+def ref_window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * nW, ws, ws, C)."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // ws, ws, w // ws, ws, c)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, ws, ws, c)
+
+
+def ref_window_reverse(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
+    """(B * nW, ws, ws, C) -> (B, H, W, C)."""
+    b = int(windows.shape[0] / (h * w / ws / ws))
+    x = windows.view(b, h // ws, w // ws, ws, ws, -1)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, h, w, -1)
+
+
+def ref_relative_position_index(ws: int) -> torch.Tensor:
+    coords = torch.stack(torch.meshgrid([torch.arange(ws), torch.arange(ws)], indexing="ij"))
+    coords_flatten = torch.flatten(coords, 1)
+    relative_coords = (coords_flatten[:, :, None] - coords_flatten[:, None, :]).permute(1, 2, 0).contiguous()
+    relative_coords[:, :, 0] += ws - 1
+    relative_coords[:, :, 1] += ws - 1
+    relative_coords[:, :, 0] *= 2 * ws - 1
+    return relative_coords.sum(-1)
+
+
+def ref_window_attention(m: WindowAttention, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Official WindowAttention.forward on m's parameters; x (B * nW, N, C), mask (nW, N, N) or None."""
+    b_, n, c = x.shape
+    heads = m.num_heads
+    qkv = m.qkv(x).reshape(b_, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    q = q * (c // heads) ** -0.5
+    attn = q @ k.transpose(-2, -1)
+    bias = m.relative_position_bias_table[ref_relative_position_index(m.window_size).view(-1)].view(n, n, -1)
+    attn = attn + bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+    if mask is not None:
+        nw = mask.shape[0]
+        attn = attn.view(b_ // nw, nw, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, heads, n, n)
+    attn = torch.softmax(attn, dim=-1)
+    return m.proj((attn @ v).transpose(1, 2).reshape(b_, n, c))
+
+
+def ref_swin_block(blk, x: torch.Tensor, shift_size: int) -> torch.Tensor:
+    """Official SwinTransformerBlock.forward (drop-path 0) on a (B, H, W, C) map: roll, partition, attend, reverse."""
+    b, h, w, c = x.shape
+    ws = blk.window_size
+    shortcut = x
+    x = blk.norm1(x)
+    mask = reference_shift_mask(h, w, ws, shift_size) if shift_size > 0 else None
+    if shift_size > 0:
+        x = torch.roll(x, shifts=(-shift_size, -shift_size), dims=(1, 2))
+    windows = ref_window_partition(x, ws).view(-1, ws * ws, c)
+    windows = ref_window_attention(blk.attn, windows, mask).view(-1, ws, ws, c)
+    x = ref_window_reverse(windows, ws, h, w)
+    if shift_size > 0:
+        x = torch.roll(x, shifts=(shift_size, shift_size), dims=(1, 2))
+    x = shortcut + x
+    return x + blk.mlp(blk.norm2(x))
+
+
+def ref_swin_blocks(stage, x: torch.Tensor) -> torch.Tensor:
+    """Official BasicLayer's blocks: shift window // 2 on odd blocks, none where the grid is one window."""
+    ws = stage.window_size
+    for i, blk in enumerate(stage.blocks):
+        shift = 0 if i % 2 == 0 or min(x.shape[1], x.shape[2]) <= ws else ws // 2
+        x = ref_swin_block(blk, x, shift)
+    return x
+
+
+def ref_patch_merging(m, x: torch.Tensor) -> torch.Tensor:
+    x0, x1, x2, x3 = x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]
+    return m.reduction(m.norm(torch.cat([x0, x1, x2, x3], -1)))
+
+
+def ref_pixel_shuffle(x: torch.Tensor, s: int) -> torch.Tensor:
+    """einops 'b h w (p1 p2 c) -> b (h p1) (w p2) c', written with loops over p1, p2."""
+    b, h, w, cc = x.shape
+    c = cc // (s * s)
+    out = x.new_empty(b, h * s, w * s, c)
+    for p1 in range(s):
+        for p2 in range(s):
+            out[:, p1::s, p2::s] = x[..., (p1 * s + p2) * c:(p1 * s + p2 + 1) * c]
+    return out
+
+
+def ref_swin_unet(model: SwinUnet, x: torch.Tensor) -> torch.Tensor:
+    """Official SwinTransformerSys.forward (encoder, decoder with skips, x4 expand, 1x1 conv) on model's weights."""
+    b = x.shape[0]
+    t = model.patch_embed.proj(x)  # conv p x p stride p
+    hp, wp = t.shape[2], t.shape[3]
+    t = model.patch_embed.norm(t.flatten(2).transpose(1, 2)).view(b, hp, wp, -1)
+    skips = []
+    for layer in model.layers:
+        skips.append(t)
+        t = ref_swin_blocks(layer, t)
+        if layer.downsample is not None:
+            t = ref_patch_merging(layer.downsample, t)
+    t = model.norm(t)
+    for k, layer_up in enumerate(model.layers_up):
+        if k == 0:
+            t = layer_up.norm(ref_pixel_shuffle(layer_up.expand(t), 2))
+            continue
+        t = model.concat_back_dim[k](torch.cat([t, skips[model.num_layers - 1 - k]], -1))
+        t = ref_swin_blocks(layer_up, t)
+        if layer_up.upsample is not None:
+            t = layer_up.upsample.norm(ref_pixel_shuffle(layer_up.upsample.expand(t), 2))
+    t = model.norm_up(t)
+    t = model.up.norm(ref_pixel_shuffle(model.up.expand(t), 4))
+    return model.output(t.permute(0, 3, 1, 2).contiguous())
+
+
+def outputs_and_grads(fn, module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor):
+    """fn(x)'s output and the gradients of <fn(x), g> for x and every parameter of module."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = fn(x)
+    y.backward(g)
+    grads = {"input": x.grad.clone()} | {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return y.detach(), grads
+
+
+def assert_same_function(fast, reference, module, x):
+    """Same output (FAST_ATOL) and same gradients (FAST_GRAD_RTOL) for x and every parameter of module."""
+    with torch.no_grad():
+        g = torch.randn_like(reference(x))
+    g /= g.numel() ** 0.5  # the gradient of a loss averaged over the output, in scale
+    y_fast, grads_fast = outputs_and_grads(fast, module, x, g)
+    y_ref, grads_ref = outputs_and_grads(reference, module, x, g)
+    torch.testing.assert_close(y_fast, y_ref, rtol=0, atol=FAST_ATOL)
+    assert grads_fast.keys() == grads_ref.keys()
+    for name, expected in grads_ref.items():
+        tol = FAST_GRAD_RTOL * max(1e-3, float(expected.abs().max()))
+        torch.testing.assert_close(grads_fast[name], expected, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_window_partition_and_reverse_match_reference():
+    x = torch.randn(2, 14, 28, 5)
+    windows = window_partition(x, 7)
+    assert torch.equal(windows, ref_window_partition(x, 7).view(-1, 49, 5))
+    assert torch.equal(window_reverse(windows, 7, 14, 28), x)
+    one = torch.randn(3, 7, 7, 4)  # a grid of one window: a view, no copy
+    assert window_partition(one, 7).data_ptr() == one.data_ptr()
+
+
+@pytest.mark.parametrize("h,w", [(56, 56), (14, 28), (28, 14)])
+def test_shifted_window_orders_are_the_reference_roll_and_partition(h, w):
+    x = torch.randn(2, h, w, 3)
+    plan = shifted_windows(h, w, 7, 3)
+    regular = window_partition(x, 7).reshape(2, h * w, 3)
+    shifted = ref_window_partition(torch.roll(x, shifts=(-3, -3), dims=(1, 2)), 7).reshape(2, h * w, 3)
+    assert torch.equal(regular.index_select(1, plan.to_shifted), shifted)
+    assert torch.equal(shifted.index_select(1, plan.to_regular), regular)
+    assert torch.equal(shifted.index_select(1, plan.to_spatial).view(2, h, w, 3), x)
+    assert torch.equal(plan.mask, reference_shift_mask(h, w, 7, 3))
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("mode", ["train", "no_grad", "frozen_bias"])
+def test_window_attention_matches_reference(shifted, mode):
+    """Both paths: written out (trained bias) and fused scaled_dot_product_attention (bias needs no gradient)."""
+    torch.manual_seed(0)
+    m = WindowAttention(dim=48, window_size=7, num_heads=3)
+    torch.nn.init.normal_(m.relative_position_bias_table, std=0.5)
+    nw = 8
+    mask = reference_shift_mask(14, 28, 7, 3) if shifted else None
+    assert mask is None or mask.shape[0] == nw
+    x = torch.randn(2 * nw, 49, 48)
+    if mode == "no_grad":
+        with torch.no_grad():
+            torch.testing.assert_close(m(x, mask), ref_window_attention(m, x, mask), rtol=0, atol=FAST_ATOL)
+        return
+    if mode == "frozen_bias":  # e.g. fine-tuning with a frozen table: the fused path, gradients for x and the rest
+        m.relative_position_bias_table.requires_grad_(False)
+    assert_same_function(lambda t: m(t, mask), lambda t: ref_window_attention(m, t, mask), m, x)
+
+
+@pytest.mark.parametrize("grid", [(28, 28), (14, 28), (7, 7)])
+def test_swin_stage_matches_reference_blocks(grid):
+    torch.manual_seed(0)
+    stage = EncoderStage(dim=24, depth=4, num_heads=2, window_size=7, resolution=(28, 28), mlp_ratio=4.0,
+                         qkv_bias=True, drop=0.0, attn_drop=0.0, drop_path=[0.0] * 4, downsample=False)
+    for blk in stage.blocks:
+        torch.nn.init.normal_(blk.attn.relative_position_bias_table, std=0.5)
+    x = torch.randn(2, *grid, 24)
+    assert_same_function(stage.forward_blocks, lambda t: ref_swin_blocks(stage, t), stage, x)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 224, 224), (1, 3, 224, 448)])
+def test_swin_unet_matches_reference_forward_and_gradients(shape):
+    torch.manual_seed(0)
+    # narrower than the published network (same code paths, a quarter of the width) to keep the test short
+    model = SwinUnet(embed_dim=32, num_heads=(1, 2, 4, 8), drop_path_rate=0.0).train()
+    for m in model.modules():
+        if isinstance(m, WindowAttention):
+            torch.nn.init.normal_(m.relative_position_bias_table, std=0.5)
+    x = torch.rand(*shape)
+    assert_same_function(model, lambda t: ref_swin_unet(model, t), model, x)
+    model.eval()
+    with torch.no_grad():  # inference: fused attention
+        torch.testing.assert_close(model(x), ref_swin_unet(model, x), rtol=0, atol=FAST_ATOL)
 
 
 def test_drop_path_per_sample_and_identity_in_eval():

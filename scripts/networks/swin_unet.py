@@ -8,9 +8,15 @@ the function or the parameter count:
 - the encoder runs once per forward (the reference wrapper runs it twice, once for an unused output);
 - any input whose sides are multiples of 224 works, not only ``img_size``: the shift decision, the shifted-window mask
   and the relative position index are derived from the actual token grid (no per-window Python loop);
-- the cyclic shift and window partition are one gather (torch.roll is slow on CPU);
-- tokens are kept as channels-last maps (B, H, W, C) instead of (B, L, C) plus a fixed resolution;
+- inside a stage the tokens stay grouped by window: the map is partitioned once on entry, the cyclic shift is a
+  permutation of tokens between the regular and the shifted window order (one gather; torch.roll is slow on CPU),
+  and one gather or window reverse restores the map on exit (the reference partitions and reverses in every block);
+- stages take and return channels-last maps (B, H, W, C) instead of (B, L, C) plus a fixed resolution;
 - the relative position bias and the shift mask are summed once per window set, then broadcast over the batch;
+  without a gradient for the bias (inference, the EMA teacher) attention runs in PyTorch's fused kernel;
+- the patch embedding is a Linear on 4 x 4 patches (the same product as the stride-4 convolution, channels-last);
+- the x4 head normalises and classifies each token's 16 output pixels before the pixel shuffle, which then moves
+  class logits instead of 96-channel features (LayerNorm and the 1x1 output are per pixel: same result);
 - ``relative_position_index`` and the shifted-window mask and indices are non-persistent buffers: derived, not learnt.
 
 ImageNet Swin-T weights are mapped by :func:`load_swin_pretrained` (official or timm key names).
@@ -119,30 +125,35 @@ def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: 
 
 
 class ShiftedWindows(NamedTuple):
-    """Everything a shifted block needs for one grid size: the (nW, N, N) additive mask, and the (H*W,) gather
-    indices that take a flattened (B, H*W, C) map to its cyclically shifted windows (``order``) and back
-    (``inverse``). One gather replaces torch.roll + window partition, which is 10-15x slower on CPU."""
+    """Everything the shifted blocks of a stage need for one grid size: the (nW, N, N) additive mask, and the (H*W,)
+    gather indices between token orders of a (B, H*W, C) tensor: regular windows -> shifted windows (``to_shifted``),
+    back (``to_regular``), and shifted windows -> the row-major map (``to_spatial``). A gather replaces torch.roll +
+    window partition + reverse, which are 10-15x slower on CPU."""
 
     mask: torch.Tensor
-    order: torch.Tensor
-    inverse: torch.Tensor
+    to_shifted: torch.Tensor
+    to_regular: torch.Tensor
+    to_spatial: torch.Tensor
 
 
 def shifted_windows(height: int, width: int, window_size: int, shift_size: int) -> ShiftedWindows:
     """The :class:`ShiftedWindows` plan of a height x width grid (cyclic shift by -shift_size on both axes)."""
     pos = torch.arange(height * width).view(1, height, width, 1)
-    order = window_partition(torch.roll(pos, shifts=(-shift_size, -shift_size), dims=(1, 2)), window_size).flatten()
-    return ShiftedWindows(shifted_window_mask(height, width, window_size, shift_size), order, torch.argsort(order))
+    regular = window_partition(pos, window_size).flatten()  # map position of each token in regular window order
+    shifted = window_partition(torch.roll(pos, shifts=(-shift_size, -shift_size), dims=(1, 2)), window_size).flatten()
+    regular_rank, shifted_rank = torch.argsort(regular), torch.argsort(shifted)
+    return ShiftedWindows(shifted_window_mask(height, width, window_size, shift_size), regular_rank[shifted],
+                          shifted_rank[regular], shifted_rank)
 
 
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside w x w windows with a learnt relative position bias:
     softmax(q k^T / sqrt(d) + bias + mask) v.
 
-    Written out rather than with ``F.scaled_dot_product_attention``: with 49-token windows and a float bias mask,
-    PyTorch 2.13's CPU kernel was no faster (whole network, batch 1, 2 threads, interleaved medians: 106 vs 107 ms at
-    224, 455 vs 480 ms at 448; equal in training), needed a copy to fold the per-window shift mask into the heads,
-    and made ``torch.onnx.export(dynamo=True)`` fail.
+    Two paths with the same result. When the bias table needs no gradient (no_grad/inference, the frozen EMA teacher)
+    ``F.scaled_dot_product_attention`` runs with bias + mask as its float ``attn_mask``: PyTorch's fused CPU kernel
+    reads q, k, v in place and never stores the N x N probabilities. When the bias is trained, PyTorch 2.13 on CPU
+    sends a mask that requires grad to its unfused "math" kernel, which is slower than the product written out here.
     """
 
     def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -167,29 +178,32 @@ class WindowAttention(nn.Module):
         return bias.view(n, n, self.num_heads).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B * nW, N, C) windows; mask: (nW, N, N) additive shift mask or None."""
+        """x: (B * nW, N, C) windows, each image's nW windows in a row; mask: (nW, N, N) additive shift mask or None."""
         bw, n, c = x.shape
         qkv = self.qkv(x).view(bw, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B*nW, heads, N, d)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        bias = self.relative_position_bias()
-        if mask is None:
-            attn = attn + bias.unsqueeze(0)
-        else:  # bias and shift mask summed once per window, then broadcast over the batch
-            nw = mask.shape[0]
-            bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # (nW, heads, N, N)
-            attn = (attn.view(-1, nw, self.num_heads, n, n) + bias).view(bw, self.num_heads, n, n)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        out = (attn @ v).transpose(1, 2).reshape(bw, n, c)
-        return self.proj_drop(self.proj(out))
+        q, k, v = qkv.unbind(0)  # (B*nW, heads, N, d) views of the projection
+        bias = self.relative_position_bias().unsqueeze(0)  # (1, heads, N, N)
+        if mask is not None:  # bias and shift mask summed once per window set
+            bias = bias + mask.unsqueeze(1)  # (nW, heads, N, N)
+        if torch.is_grad_enabled() and self.relative_position_bias_table.requires_grad:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = (attn.view(-1, bias.shape[0], self.num_heads, n, n) + bias).view(bw, self.num_heads, n, n)
+            out = self.attn_drop(attn.softmax(dim=-1)) @ v
+        else:
+            if mask is not None:  # the fused kernel broadcasts a mask over the batch only, not over part of it
+                bias = bias.expand(bw // bias.shape[0], -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
+            drop = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=self.scale)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
 
 
 class SwinBlock(nn.Module):
-    """Swin Transformer block on a (B, H, W, C) map: x + DropPath(W-MSA(LN(x))), then x + DropPath(MLP(LN(x))).
+    """Swin Transformer block: x + DropPath(W-MSA(LN(x))), then x + DropPath(MLP(LN(x))).
 
-    A block built with ``shift`` True attends within windows shifted by window // 2, given the grid's
-    :class:`ShiftedWindows`; its stage passes None where the grid is a single window (the reference then disables the
-    shift), and the block falls back to regular windows.
+    Works on (B, L, C) tokens grouped by window (L = nW * w*w, each window's w*w tokens in a row), the order its
+    :class:`SwinStage` keeps them in: regular windows, or for a block built with ``shift`` True windows shifted by
+    window // 2, with the shift mask. Where the grid is a single window the reference disables the shift; the stage
+    then runs a shifting block on regular windows without a mask.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift: bool = False, mlp_ratio: float = 4.0,
@@ -203,17 +217,11 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: torch.Tensor, shifted: ShiftedWindows | None = None) -> torch.Tensor:
-        """x: (B, H, W, C); shifted: the grid's shifted-window plan (used only by a shifting block)."""
-        b, h, w, c = x.shape
-        y = self.norm1(x)
-        if self.shift and shifted is not None:
-            y = y.reshape(b, h * w, c).index_select(1, shifted.order).view(-1, self.window_size * self.window_size, c)
-            y = self.attn(y, shifted.mask)
-            y = y.view(b, h * w, c).index_select(1, shifted.inverse).view(b, h, w, c)
-        else:
-            y = window_reverse(self.attn(window_partition(y, self.window_size)), self.window_size, h, w)
-        x = x + self.drop_path(y)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, C) tokens grouped by window; mask: the (nW, N, N) shift mask when the windows are shifted."""
+        b, length, c = x.shape
+        y = self.attn(self.norm1(x).view(-1, self.window_size * self.window_size, c), mask)
+        x = x + self.drop_path(y.view(b, length, c))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -258,13 +266,21 @@ class FinalPatchExpandX4(nn.Module):
         self.expand = nn.Linear(dim, 16 * dim, bias=False)
         self.norm = nn.LayerNorm(dim)
 
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, 16, C): each token's 4 x 4 output pixels (row-major), normalised, unshuffled."""
+        b, h, w, c = x.shape
+        return self.norm(self.expand(x).view(b, h, w, 16, c))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(_pixel_shuffle_last(self.expand(x), 4))
+        b, h, w, c = x.shape
+        return _pixel_shuffle_last(self.patches(x).view(b, h, w, 16 * c), 4)
 
 
 class SwinStage(nn.Module):
     """``depth`` Swin blocks alternating regular and shifted windows, sharing one :class:`ShiftedWindows` per grid.
 
+    The (B, H, W, C) map is partitioned into regular windows once; between blocks the tokens move from one window
+    order to the other by a gather, and the last order is turned back into the map once.
     The plan for the grid of ``resolution`` (the configured image size) is kept in non-persistent buffers; other grid
     sizes get theirs computed on the fly (a handful of small tensor ops, no per-window loop).
     """
@@ -296,19 +312,33 @@ class SwinStage(nn.Module):
         if (height, width) == self.plan_resolution:
             if self.shift_mask is None:
                 return None
-            plan = ShiftedWindows(self.shift_mask, self.shift_order, self.shift_inverse)
+            plan = ShiftedWindows(self.shift_mask, self.shift_to_shifted, self.shift_to_regular, self.shift_to_spatial)
         else:
             plan = self._plan(height, width)
             if plan is None:
                 return None
-        return ShiftedWindows(plan.mask.to(device=x.device, dtype=x.dtype), plan.order.to(x.device),
-                              plan.inverse.to(x.device))
+        return ShiftedWindows(plan.mask.to(device=x.device, dtype=x.dtype), plan.to_shifted.to(x.device),
+                              plan.to_regular.to(x.device), plan.to_spatial.to(x.device))
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        shifted = self.shifted_windows(x) if self.has_shift else None
+        b, h, w, c = x.shape
+        plan = self.shifted_windows(x) if self.has_shift else None
+        x = window_partition(x, self.window_size).view(b, h * w, c)
+        in_shifted_order = False
         for blk in self.blocks:
-            x = blk(x, shifted)
-        return x
+            if blk.shift and plan is not None:
+                if not in_shifted_order:
+                    x = x.index_select(1, plan.to_shifted)
+                    in_shifted_order = True
+                x = blk(x, plan.mask)
+            else:
+                if in_shifted_order and plan is not None:
+                    x = x.index_select(1, plan.to_regular)
+                    in_shifted_order = False
+                x = blk(x, None)
+        if in_shifted_order and plan is not None:
+            return x.index_select(1, plan.to_spatial).view(b, h, w, c)
+        return window_reverse(x.view(-1, self.window_size * self.window_size, c), self.window_size, h, w)
 
 
 class EncoderStage(SwinStage):
@@ -336,15 +366,23 @@ class DecoderStage(SwinStage):
 
 
 class PatchEmbed(nn.Module):
-    """Conv p x p stride p (in -> embed_dim), LayerNorm; returns (B, H/p, W/p, embed_dim)."""
+    """Conv p x p stride p (in -> embed_dim), LayerNorm; returns (B, H/p, W/p, embed_dim).
+
+    The convolution is computed as what it is, a Linear on non-overlapping p x p patches, which gives channels-last
+    tokens directly (the NCHW output of the conv needed a copy before the LayerNorm, and another in its backward).
+    """
 
     def __init__(self, in_channels: int, embed_dim: int, patch_size: int) -> None:
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        b, c, h, w = x.shape
+        p = self.patch_size
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h // p, w // p, c * p * p)
+        return self.norm(F.linear(patches, self.proj.weight.flatten(1), self.proj.bias))
 
 
 class SwinUnet(nn.Module):
@@ -456,11 +494,12 @@ class SwinUnet(nn.Module):
         if torch.jit.is_scripting() or not _exporting():
             self.check_input(x)
         x, skips = self.forward_features(x)
-        x = self.up(self.forward_up_features(x, skips))  # (B, H, W, embed_dim)
-        # the 1x1 output conv as a matmul on channels-last tokens: same result, and PyTorch's CPU backward of a 1x1
-        # conv on a permuted input takes a slow path (10 % of a training step)
-        logits = F.linear(x, self.output.weight.flatten(1))
-        return logits.permute(0, 3, 1, 2).contiguous()
+        x = self.up.patches(self.forward_up_features(x, skips))  # (B, H/4, W/4, 16, embed_dim)
+        # the 1x1 output conv as a matmul on each output pixel's features, then the x4 pixel shuffle of the logits
+        logits = F.linear(x, self.output.weight.flatten(1))  # (B, H/4, W/4, 16, classes)
+        b, h, w = logits.shape[0], logits.shape[1], logits.shape[2]
+        logits = logits.view(b, h, w, 4, 4, self.out_channels).permute(0, 5, 1, 3, 2, 4)
+        return logits.reshape(b, self.out_channels, 4 * h, 4 * w)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -29,8 +29,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import fire
-
 from scripts.files import write_atomic, write_json_atomic
 
 __all__ = ["run_all", "summarise", "mean_std", "write_table"]
@@ -303,11 +301,20 @@ def write_paired(results: Sequence[dict], output_dir: str | Path, pairs: Sequenc
 
 
 class CompareCLI:
+    """``python -m scripts.compare run`` and ``table``."""
+
     def run(self, output_dir: str = "runs/compare", methods: Sequence[str] = METHODS,
             fractions: Sequence[float] = (0.05, 0.1), seeds: Sequence[int] = (0, 1, 2), dataset_dir: str | None = None,
             overrides: dict | None = None, workers: int = 1, threads: int | None = None,
             recipe: str | None = None) -> None:
-        """Train and evaluate every (method, fraction, seed) not done yet, then write the table and plots."""
+        """Train and evaluate every (method, fraction, seed) not done yet, then write the table and plots.
+
+        OUTPUT_DIR: one folder per run, the splits and the tables; METHODS: names of configs/methods/*.json;
+        FRACTIONS: labelled fractions, or exact labelled counts written "n25"; SEEDS: one run per seed;
+        DATASET_DIR: the data (default: a phantom in OUTPUT_DIR/data/phantom); OVERRIDES: train.json values for
+        every run, e.g. "{'total_iterations': 240}"; WORKERS: runs trained at once; THREADS: CPU threads per run;
+        RECIPE: a config merged between train.json and the method's file (configs/paper_recipe.json).
+        """
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         results = run_all(output_dir, methods, fractions, seeds, dataset_dir, overrides, workers=workers,
                           threads=threads, recipe=recipe)
@@ -329,4 +336,7 @@ class CompareCLI:
 
 
 if __name__ == "__main__":
-    fire.Fire(CompareCLI)
+    from scripts.cli import main
+
+    cli = CompareCLI()
+    main({"run": cli.run, "table": cli.table}, __doc__, prog="python -m scripts.compare")

@@ -131,8 +131,18 @@ def train(bundle: str, studies: str, max_epochs: int = 1, val_split: float = 0.2
                     "datastore_labeled": len(labeled), "unlabeled_pool": len(datalist.get("unlabeled", []))})
 
 
-if __name__ == "__main__":
-    import fire
+def _bundle_cli():
+    """scripts/cli.py loaded by its path, as its own module: a ``scripts`` package imported here would stand in for
+    the exported copy's own ``scripts`` that MONAI Label's tasks import."""
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("fetal_us_cli", Path(__file__).resolve().with_name("cli.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    fire.Fire({"export": export, "infer": infer, "train": train}, serialize=lambda _: None)
+    _bundle_cli().main({"export": export, "infer": infer, "train": train}, __doc__,
+                       prog="python scripts/monailabel_app.py", serialize=lambda _: None)

@@ -25,7 +25,6 @@ import logging
 import time
 from pathlib import Path
 
-import fire
 import torch
 import torch.nn.functional as F
 from monai.data import DataLoader, Dataset
@@ -101,13 +100,17 @@ def _training_images(prepared_dir: Path) -> list[dict]:
 def pretrain(dataset_dir: str | None = None, prepared_dir: str = "data/prepared", output: str = "models/swin_simmim.pt",
              iterations: int = 300, batch_size: int = 8, learning_rate: float = 5e-4, weight_decay: float = 0.05,
              mask_ratio: float = 0.6, spatial_size: int = 224, in_channels: int = 3, seed: int = 0,
-             num_workers: int = 0, progress: bool = True, **split) -> str:
+             num_workers: int = 0, progress: bool = True, labeled_fraction: float = 0.25,
+             labeled_count: int | None = None, max_train_images: int | None = None, layout: str | None = None,
+             pixel_size_mm: float | None = None) -> str:
     """Pretrain the Swin-Unet encoder by masked-image modelling on the split's training images; write ``output``.
 
     ``dataset_dir``: when given, the split is (re)made first with :func:`scripts.data.prepare_dataset` into
-    ``prepared_dir`` (``split`` passes its options, e.g. ``labeled_count=25, max_train_images=500``); else
-    ``prepared_dir`` must already hold a datalist. AdamW with a linear warm-up over the first 10 % and a cosine
-    decay, as SimMIM. Returns the checkpoint's path. ``output`` is written atomically, only when training completes.
+    ``prepared_dir`` with the split options (``labeled_fraction``, ``labeled_count``, ``max_train_images``,
+    ``layout``, ``pixel_size_mm``: give the training run's, e.g. ``labeled_count=25, max_train_images=500``, so that
+    it reuses the same split); else ``prepared_dir`` must already hold a datalist. AdamW with a linear warm-up over
+    the first 10 % and a cosine decay, as SimMIM. Returns the checkpoint's path. ``output`` is written atomically,
+    only when training completes.
     """
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be between 0 and 1, got {mask_ratio}")
@@ -119,9 +122,14 @@ def pretrain(dataset_dir: str | None = None, prepared_dir: str = "data/prepared"
     if dataset_dir is not None:
         from scripts.data import prepare_dataset
 
-        prepare_dataset(dataset_dir, prepared, seed=seed, generate_phantom_if_empty=False, **split)
-    elif split:
-        raise ValueError(f"split options {sorted(split)} need --dataset_dir")
+        prepare_dataset(dataset_dir, prepared, seed=seed, generate_phantom_if_empty=False,
+                        labeled_fraction=labeled_fraction, labeled_count=labeled_count,
+                        max_train_images=max_train_images, layout=layout, pixel_size_mm=pixel_size_mm)
+    else:
+        split = {"labeled_count": labeled_count, "max_train_images": max_train_images, "layout": layout,
+                 "pixel_size_mm": pixel_size_mm}
+        if any(value is not None for value in split.values()):
+            raise ValueError(f"split options {sorted(k for k, v in split.items() if v is not None)} need --dataset_dir")
     items = _training_images(prepared)
     torch.manual_seed(seed)
     transform = Compose([
@@ -175,5 +183,7 @@ def pretrain(dataset_dir: str | None = None, prepared_dir: str = "data/prepared"
 
 
 if __name__ == "__main__":
+    from scripts.cli import main
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    fire.Fire(pretrain)
+    main(pretrain, __doc__, prog="python -m scripts.pretrain")

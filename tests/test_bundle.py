@@ -63,9 +63,10 @@ def test_train_resume_evaluate_infer_export(tmp_path):
     net = UNeXt(3, 2)
     net.load_state_dict(torch.load(model, weights_only=True))  # a plain state_dict of the deployed UNeXt
     resume = sorted((tmp_path / "eval" / "checkpoints").glob("resume_*.pt"))
-    assert len(resume) == 1
-    state = torch.load(resume[0], weights_only=True)
-    assert {"unext", "network_b", "teacher", "optimizer_a", "optimizer_b", "trainer"} <= set(state)
+    assert [p.name for p in resume] == ["resume_checkpoint_epoch=1.pt", "resume_checkpoint_epoch=2.pt"]  # n_saved 2
+    state = torch.load(resume[-1], weights_only=True)
+    assert {"unext", "network_b", "teacher", "optimizer_a", "optimizer_b", "trainer", "data_order",
+            "random_generators"} <= set(state)
     assert state["trainer"]["iteration"] == 4
 
     # 2. resume to 6 iterations: the run starts at iteration 5
@@ -183,3 +184,18 @@ def test_inference_without_a_trained_model_is_one_clear_error(tmp_path):
                  "--input_dir", str(images), check=False)
     assert out.returncode != 0
     assert f"{tmp_path}/models/model.pt not found: the trained model" in out.stderr
+
+
+def test_a_misspelled_option_fails_before_any_file_is_written(tmp_path):
+    out = bundle("run", "--config_file", "configs/train.json", "--bundle_root", str(tmp_path), *TINY,
+                 "--labelled_fraction", "0.3", "--train#trainer#max_epoch", "2", check=False)
+    assert out.returncode == 2
+    assert "unknown option --labelled_fraction for configs/train.json: did you mean --labeled_fraction" in out.stderr
+    assert "did you mean --train#trainer#max_epochs" in out.stderr and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []  # no phantom, no datalist, no checkpoint
+
+
+def test_bundle_run_help_lists_the_configs_options_and_runs_nothing(tmp_path):
+    out = bundle("run", "--config_file", "configs/inference.json", "--bundle_root", str(tmp_path), "--help")
+    assert "--dataset_dir" in out.stdout and "--pixel_size_mm" in out.stdout and "--input_dir" in out.stdout
+    assert list(tmp_path.iterdir()) == []

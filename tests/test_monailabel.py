@@ -18,7 +18,8 @@ from PIL import Image
 
 from scripts.data import prepare_dataset
 from scripts.monailabel_app import EXPORT_MARKER, export
-from scripts.monailabel_venv import build_venv, ensure_venv, venv_path
+from scripts.monailabel_venv import (REQUIREMENTS, TORCH_INDEX, build_venv, ensure_venv, installed_torch,
+                                     torch_install_steps, venv_path)
 from scripts.networks import UNeXt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,14 +100,36 @@ def test_export_merges_the_monailabel_override_and_keeps_a_trained_model(tmp_pat
     assert (out / EXPORT_MARKER).is_file()
 
 
+def test_the_venvs_torch_is_this_environments_version_and_build():
+    assert torch_install_steps("2.13.0") == [["torch==2.13.0"]]  # a public build: pip's own index
+    # a local build: pip's configured sources (a wheel on disk), else PyTorch's index of exactly that build
+    assert torch_install_steps("2.13.0+cpu") == [
+        ["torch==2.13.0+cpu"], ["torch==2.13.0+cpu", "--index-url", "https://download.pytorch.org/whl/cpu"]]
+    assert torch_install_steps("2.13.0+cu128")[-1][-1] == TORCH_INDEX.format(build="cu128")
+    pinned = [line for line in REQUIREMENTS.read_text().splitlines() if line.startswith("torch==")]
+    assert pinned == [f"torch=={installed_torch().partition('+')[0]}"]  # the same version, without a local label
+    # the build is part of the cache key: a CUDA environment never reuses a CPU venv
+    assert venv_path(REQUIREMENTS, torch_version="2.13.0+cpu") != venv_path(REQUIREMENTS, torch_version="2.13.0")
+
+
+def test_a_list_for_another_torch_or_with_a_local_pin_is_refused_before_any_work(tmp_path):
+    for pin, message in (("torch==2.13.0+cpu", "local build that public indexes do not serve"),
+                         ("torch==2.12.0", "pins torch==2.12.0 but this environment has torch 2.13.0")):
+        req = tmp_path / "requirements.txt"
+        req.write_text(f"{pin}\nmonailabel==0.8.5\n")
+        with pytest.raises(ValueError, match=message):
+            build_venv(tmp_path / "cache" / "venv", req, torch_version="2.13.0")
+        assert not (tmp_path / "cache").exists()
+
+
 @pytest.mark.slow
 def test_venv_cache_key_and_a_failed_build_leaves_no_venv(tmp_path):
     req = tmp_path / "requirements.txt"
     req.write_text("torch==0.0.1\n")
-    target = venv_path(req, tmp_path / "cache")
+    target = venv_path(req, tmp_path / "cache", torch_version="0.0.1")
     assert target.name.startswith("monailabel-0.8.5-") and target != venv_path(ROOT / "requirements-monailabel.txt")
     with pytest.raises(RuntimeError, match="install torch==0.0.1 first"):
-        build_venv(target, req)
+        build_venv(target, req, torch_version="0.0.1")
     # nothing that could be taken for a venv: only the failed build's log, which the error names
     assert not target.exists() and [p.suffix for p in target.parent.iterdir()] == [".log"]
 

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 from skimage.measure import EllipseModel, find_contours, ransac
-from skimage.morphology import convex_hull_image
+from scipy.spatial import ConvexHull, QhullError
+from skimage.draw import polygon
 
 __all__ = [
     "FLAGS",
@@ -74,6 +75,8 @@ RANSAC_POINTS = 400
 RANSAC_SEED = 0  # fixed: the same mask always gives the same measurement
 MAX_FIT_RESIDUAL_PX = 1.0  # large_fit_residual: RMS distance of the kept points above this many pixels ...
 MAX_FIT_RESIDUAL_FRACTION = 0.01  # ... and above this fraction of the region's equivalent radius
+MIN_RANSAC_FRACTION = 0.5  # RANSAC's ellipse is used when at least this fraction of the boundary agrees with it ...
+MAX_RANSAC_AREA_RATIO = 2.0  # ... and its area is at most this multiple of the region's; else least squares
 MIN_FRACTION_KEPT = 0.8  # boundary_off_ellipse: fewer than this fraction of the boundary points kept
 MIN_COMPONENT_FRACTION = 0.1  # several_components: another component of at least this fraction of the largest
 BORDER_MARGIN_PX = 1  # touches_*_border: a foreground pixel within this many pixels of the border
@@ -232,7 +235,12 @@ def fit_ellipse(mask: Any, pixel_size: Sequence[float] | None = (1.0, 1.0), min_
             # refit on every boundary point the consensus ellipse keeps
             again = np.asarray(robust.residuals(points)) < threshold
             refit = _EllipseModel.from_estimate(points[again]) if again.sum() >= 5 else None
-            model, kept = (refit, again) if refit is not None and _valid_ellipse(refit) else (robust, inliers)
+            candidate, agree = (refit, again) if refit is not None and _valid_ellipse(refit) else (robust, inliers)
+            area = math.pi * float(np.prod(candidate.axis_lengths))
+            if agree.mean() >= MIN_RANSAC_FRACTION and area <= MAX_RANSAC_AREA_RATIO * region.sum() * sx * sy:
+                model, kept = candidate, agree
+            # else: too little of the outline agrees on one ellipse, or that ellipse is far larger than the region
+            # (an arc of a broken mask extrapolated): keep the least-squares fit of every point, which the flags mark
     (cx, cy), (r1, r2), theta = model.center, model.axis_lengths, float(model.theta)
     a, b = (r1, r2) if r1 >= r2 else (r2, r1)
     if r1 < r2:
@@ -277,7 +285,28 @@ def field_of_view(image: Any, closing_px: int = 5) -> np.ndarray:
     labels, sizes = _components(signal)
     if not len(sizes):
         return np.ones(image.shape, bool)
-    return convex_hull_image(labels == 1 + int(np.argmax(sizes)))
+    return _convex_hull(labels == 1 + int(np.argmax(sizes)))
+
+
+_CORNERS = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+
+
+def _convex_hull(region: np.ndarray) -> np.ndarray:
+    """The convex hull of a boolean region's pixels (as squares), as a mask of the pixels whose centres it holds.
+
+    scikit-image's ``convex_hull_image`` gives the same hull but tests every pixel of the image against it, which
+    takes tens of milliseconds per ultrasound frame; the hull's polygon is filled scan line by scan line here (the
+    edge pixels can differ by one, well inside the border margin the flags use).
+    """
+    edge = np.argwhere(region & ~ndimage.binary_erosion(region, border_value=0))
+    corners = (edge[:, None, :] + _CORNERS).reshape(-1, 2)
+    try:
+        vertices = corners[ConvexHull(corners).vertices]
+    except QhullError:  # a line or a single pixel: the region is its own hull
+        return region.copy()
+    hull = np.zeros(region.shape, bool)
+    hull[polygon(vertices[:, 0], vertices[:, 1], region.shape)] = True
+    return hull | region
 
 
 def quality_flags(fit: dict | None, mask: Any, pixel_size: Sequence[float] | None = (1.0, 1.0), *,

@@ -114,7 +114,9 @@ class MetricsWriter:
         plot: also write ``<file_prefix>.png``.
         measure_circumference: add the circumference columns; reference_circumference_key: the item key(s) of a
             reference circumference in mm (HC18's ``hc_mm``, ACOUSLIC's ``ac_mm``; the first known one is used
-            before the label's own ellipse; NaN is unknown).
+            before the label's own ellipse; NaN is unknown). ellipse_method: ``fit_ellipse``'s method for the
+            prediction ("ransac", or "least_squares" over every boundary point; the label's ellipse always uses
+            "least_squares").
         grid_size: the network grid (``spatial_size``); when given, each row also holds the paper's definitions,
             ``hd95_medpy_grid_px`` and ``asd_medpy_grid_px`` of the foreground on that grid
             (:func:`scripts.metrics.paper_grid_metrics`).
@@ -133,6 +135,7 @@ class MetricsWriter:
         file_prefix: str = "metrics",
         plot: bool = True,
         measure_circumference: bool = True,
+        ellipse_method: str = "ransac",
         reference_circumference_key: str | Sequence[str] | None = ("hc_mm", "ac_mm"),
         grid_size: Sequence[int] | None = None,
     ) -> None:
@@ -145,6 +148,7 @@ class MetricsWriter:
         self.file_prefix = file_prefix
         self.plot = plot
         self.measure_circumference = measure_circumference
+        self.ellipse_method = ellipse_method
         self.reference_circumference_key = reference_circumference_key
         self.grid_size = tuple(grid_size) if grid_size is not None else None
         self.rows: list[dict[str, Any]] = []
@@ -200,16 +204,15 @@ class MetricsWriter:
         value = batch_item.get(key) if batch_item else None
         return item.get(key) if value is None else value
 
-    @staticmethod
-    def _circumferences(pred: torch.Tensor, label: torch.Tensor, pixel_size, reference: Any) -> dict[str, Any]:
+    def _circumferences(self, pred: torch.Tensor, label: torch.Tensor, pixel_size, reference: Any) -> dict[str, Any]:
         """Predicted and reference ellipse circumferences (mm) and their absolute difference; None where unknown."""
         if pixel_size is None:
             return dict.fromkeys(CIRCUMFERENCE_COLUMNS)
-        fit = fit_ellipse((pred[1:].sum(0) > 0).numpy(), pixel_size)
+        fit = fit_ellipse((pred[1:].sum(0) > 0).numpy(), pixel_size, method=self.ellipse_method)
         if reference is not None:
             ref = reference
         else:
-            label_fit = fit_ellipse((label[1:].sum(0) > 0).numpy(), pixel_size)
+            label_fit = fit_ellipse((label[1:].sum(0) > 0).numpy(), pixel_size, method="least_squares")
             ref = label_fit["circumference_mm"] if label_fit else None
         value = fit["circumference_mm"] if fit else None
         error = abs(value - ref) if value is not None and ref is not None else None

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from scipy.special import ellipe
 
 from scripts.biometry import (
@@ -195,6 +196,24 @@ def test_field_of_view_is_the_sector_and_a_mask_on_its_edge_is_flagged():
     cut = draw_ellipse(image.shape, 110.0, 150.0, 50.0, 40.0, 0.0) & inside
     flags = parse_flags(fit_ellipse(cut, (0.2, 0.2), field_of_view=sector)["flags"])
     assert "touches_sector_border" in flags and "touches_image_border" not in flags
+
+
+def test_sector_hull_matches_scikit_image_convex_hull_image():
+    """The scan-line hull equals scikit-image's convex_hull_image but for pixels on its edge."""
+    from skimage.morphology import convex_hull_image
+
+    from scripts.biometry import _convex_hull
+
+    image, inside = fan()
+    rng = np.random.default_rng(1)
+    for region in (inside, inside & (rng.random(inside.shape) > 0.3), draw_ellipse(inside.shape, 200, 150, 60, 30, 0.5)):
+        expected, hull = convex_hull_image(region), _convex_hull(region)
+        edge_band = ndimage.binary_dilation(expected, iterations=2) & ~ndimage.binary_erosion(expected, iterations=2)
+        differ = expected != hull
+        assert not (differ & ~edge_band).any() and differ.sum() < 0.01 * expected.sum()
+    line = np.zeros((20, 20), bool)
+    line[5, 3:9] = True
+    assert np.array_equal(_convex_hull(line), line)  # degenerate: its own hull
 
 
 def test_border_components_and_ragged_outline_flags():

@@ -24,10 +24,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage.measure import EllipseModel, find_contours, ransac
 from scipy.spatial import ConvexHull, QhullError
-from skimage.draw import polygon
 
 __all__ = [
     "FLAGS",
@@ -72,6 +72,7 @@ INLIER_DISTANCE_PX = 1.5  # RANSAC: a boundary point within this distance of the
 INLIER_DISTANCE_FRACTION = 0.02  # ... or within this fraction of the region's equivalent radius, if more
 RANSAC_TRIALS = 300
 RANSAC_POINTS = 400
+RANSAC_STOP_FRACTION = 0.95  # no RANSAC when the least-squares ellipse keeps this fraction of the points
 RANSAC_SEED = 0  # fixed: the same mask always gives the same measurement
 MAX_FIT_RESIDUAL_PX = 1.0  # large_fit_residual: RMS distance of the kept points above this many pixels ...
 MAX_FIT_RESIDUAL_FRACTION = 0.01  # ... and above this fraction of the region's equivalent radius
@@ -223,8 +224,10 @@ def fit_ellipse(mask: Any, pixel_size: Sequence[float] | None = (1.0, 1.0), min_
     if not _valid_ellipse(model):
         return None
     kept = np.ones(len(points), bool)
-    if method == "ransac":
-        threshold = _inlier_distance(region, (sx, sy), inlier_distance_px)
+    threshold = _inlier_distance(region, (sx, sy), inlier_distance_px)
+    # a clean outline: the least-squares ellipse already keeps nearly every point, there is nothing to be robust to
+    clean = method == "ransac" and (model.residuals(points) < threshold).mean() >= RANSAC_STOP_FRACTION
+    if method == "ransac" and not clean:
         # the consensus is searched on at most RANSAC_POINTS evenly spaced boundary points (neighbouring contour
         # points are ~0.5 px apart and say the same); the inliers and the final fit use every point
         sample = points[:: max(1, math.ceil(len(points) / RANSAC_POINTS))]
@@ -288,9 +291,6 @@ def field_of_view(image: Any, closing_px: int = 5) -> np.ndarray:
     return _convex_hull(labels == 1 + int(np.argmax(sizes)))
 
 
-_CORNERS = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
-
-
 def _convex_hull(region: np.ndarray) -> np.ndarray:
     """The convex hull of a boolean region's pixels (as squares), as a mask of the pixels whose centres it holds.
 
@@ -299,14 +299,14 @@ def _convex_hull(region: np.ndarray) -> np.ndarray:
     edge pixels can differ by one, well inside the border margin the flags use).
     """
     edge = np.argwhere(region & ~ndimage.binary_erosion(region, border_value=0))
-    corners = (edge[:, None, :] + _CORNERS).reshape(-1, 2)
     try:
-        vertices = corners[ConvexHull(corners).vertices]
+        vertices = edge[ConvexHull(edge).vertices]  # the hull of the edge pixels' centres
     except QhullError:  # a line or a single pixel: the region is its own hull
         return region.copy()
-    hull = np.zeros(region.shape, bool)
-    hull[polygon(vertices[:, 0], vertices[:, 1], region.shape)] = True
-    return hull | region
+    # PIL's polygon fill (C, scan lines) on an image whose columns are the mask's second axis
+    canvas = Image.new("1", (region.shape[1], region.shape[0]), 0)
+    ImageDraw.Draw(canvas).polygon([(float(y), float(x)) for x, y in vertices], fill=1, outline=1)
+    return np.asarray(canvas, dtype=bool) | region
 
 
 def quality_flags(fit: dict | None, mask: Any, pixel_size: Sequence[float] | None = (1.0, 1.0), *,

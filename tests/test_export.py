@@ -2,7 +2,7 @@
 and width) run as documented and match eager PyTorch, and configs/inference.json with --backend onnxruntime writes
 the same masks as the eager network.
 
-The weights are the repository's models/model.pt when it exists (it is not in git), else a seeded random UNeXt:
+The weights are the repository's models/model.pt (the shipped demo model) when it exists, else a seeded random UNeXt:
 whether the exports agree with eager does not depend on what the weights learned.
 """
 

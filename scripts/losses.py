@@ -1,4 +1,4 @@
-"""Losses of the dual-network semi-supervised method (arXiv 2509.06495, REFERENCE §1.3).
+"""Losses of the dual-network semi-supervised method (arXiv 2509.06495; formulas in docs/README.md#method).
 
 p denotes a softmax over classes, A the UNeXt and B the Swin-Unet. Every loss takes probabilities or logits
 exactly as its docstring says; the trainer computes each softmax once and passes it to every term that needs it.
@@ -34,7 +34,8 @@ def reference_dice(**kwargs) -> DiceLoss:
 
 
 class SupervisedLoss(DiceCELoss):
-    """Supervised loss on labelled rows: 0.5 * (cross-entropy + Dice), from logits (B, C, ...) and an index label (B, 1, ...).
+    """Supervised loss on labelled rows: 0.5 * (cross-entropy + Dice), from logits (B, C, ...) and index labels
+    (B, 1, ...).
 
     The Dice part is :func:`reference_dice` (softmax of the logits, one-hot of the label).
     """
@@ -70,7 +71,8 @@ class CrossPseudoSupervisionLoss(torch.nn.Module):
 
 
 class InterpolationConsistencyLoss(torch.nn.Module):
-    """ICT (Verma et al. 2019) for the Swin-Unet against its EMA teacher T, on the two halves u0, u1 of the unlabelled rows.
+    """ICT (Verma et al. 2019) of a student B against its EMA teacher T, on the two halves u0, u1 of the unlabelled
+    rows.
 
     mix = (1 - lam) u0 + lam u1 with lam ~ Beta(alpha, alpha) per pair (:meth:`mix`);
     loss = mean[(softmax(B(mix)) - ((1 - lam) softmax(T(u0)) + lam softmax(T(u1))))^2] (:meth:`forward`).
@@ -119,7 +121,7 @@ class InformationDivergenceLoss(torch.nn.Module):
 
 
 def sigmoid_rampup_weight(iteration: int, weight: float, rampup_length: int, rampup_interval: int) -> float:
-    """w(t) = W exp(-5 (1 - min(s, L) / L)^2) with s = t // r, L = rampup_length, r = rampup_interval (REFERENCE §1.4)."""
+    """w(t) = W exp(-5 (1 - min(s, L) / L)^2), s = t // r, L = rampup_length, r = rampup_interval (authors' ramp)."""
     if rampup_length <= 0:
         return float(weight)
     s = min(iteration // max(1, rampup_interval), rampup_length)

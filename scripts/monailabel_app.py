@@ -13,7 +13,8 @@ Why a copy: MONAI Label reads one ``configs/inference.json`` and one ``configs/t
 merge override files. The copy's ``inference.json`` is ours merged with ``configs/monailabel_inference.json``:
 MONAI Label drops ``SaveImaged`` and writes the mask itself (ITK), which for a 2D image needs the mask without its
 channel axis and as uint8, else it writes a (1, W, H) float volume instead of a W x H PNG. Its ``train.json`` is ours
-with ``train_overrides`` merged in (the unlabelled pool: ``dataset_dir``/``prepared_dir``; run sizes).
+with ``train_overrides`` merged in (the unlabelled pool: ``dataset_dir``/``prepared_dir``; run sizes), and its run
+length is MONAI Label's ``max_epochs`` x ``val_interval`` iterations (``total_iterations`` does not cap it).
 Its ``models/`` holds only ``model.pt``, since MONAI Label offers every ``models/*.pt`` as a model. The copy is for
 MONAI Label only: ``monai.bundle run`` on its ``inference.json`` would hand the squeezed mask to the measurement and
 overlay handlers, which expect (1, W, H); run the bundle itself from the repository.
@@ -64,6 +65,7 @@ def export(output: str, model: str | None = None, train_overrides: dict | None =
         [str(src / "configs" / "inference.json"), str(src / "configs" / "monailabel_inference.json")])
     ConfigParser.export_config_file(inference, str(out / "configs" / "inference.json"), indent=4)
     train = ConfigParser(ConfigParser.load_config_files(str(src / "configs" / "train.json")))
+    train["train#trainer#max_iterations"] = None  # MONAI Label sizes the run by train#trainer#max_epochs alone
     for key, value in (train_overrides or {}).items():
         merge_kv(train, key, value)
     ConfigParser.export_config_file(train.get(), str(out / "configs" / "train.json"), indent=4)

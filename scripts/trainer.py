@@ -1,37 +1,31 @@
-"""The dual-network semi-supervised trainer (arXiv 2509.06495) as a MONAI/Ignite engine.
+"""The dual-network semi-supervised trainer (arXiv 2509.06495; docs/README.md#method) as a MONAI/Ignite engine.
 
-One trainer serves every method through its loss weights: the full method (CPS + ICT + information divergence),
-its ablations (a weight of 0 switches a term off and skips its computation), cross teaching between the two
-networks (CPS only), supervised-only training (``network_b=None`` or all unsupervised weights 0), and the
-single-network baselines Mean Teacher and ICT on the UNeXt (``teacher_of="a"``, ``network_b=None``).
+One trainer serves every method: the supervised loss is injected (``loss_function``, as in MONAI's
+SupervisedTrainer) and the unsupervised terms are components (:mod:`scripts.terms`) declared in the config with their
+weights. The full method is CPS + ICT + information divergence; its ablations set a weight to 0 (the term is then
+never computed); cross teaching is CPS alone; supervised training has no network B or every weight at 0; the
+single-network baselines Mean Teacher and ICT run on the UNeXt with its own EMA teacher (``EmaTeacher(student="a")``).
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.engines import Trainer
-from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch.nn import DataParallel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from scripts.losses import (
-    CrossPseudoSupervisionLoss,
-    InformationDivergenceLoss,
-    InterpolationConsistencyLoss,
-    SupervisedLoss,
-    ema_alpha,
-    sigmoid_rampup_weight,
-)
+from scripts.losses import sigmoid_rampup_weight
+from scripts.terms import EmaTeacher, Predictions, UnsupervisedTerm
 
-__all__ = ["SemiSupervisedLoader", "DualNetworkTrainer", "TrainingProgressBar", "loss_terms", "unwrap"]
+__all__ = ["SemiSupervisedLoader", "DualNetworkTrainer", "MixedPrecision", "TrainingProgressBar", "loss_terms",
+           "run_iterations", "unwrap"]
 
 # keys of engine.state.output besides MONAI's image/label/pred/loss
 LOSS_TERMS = ("sup_a", "sup_b", "cps_a", "cps_b", "ict", "mt", "kl", "mig", "divergence",
@@ -130,42 +124,81 @@ def loss_terms(output: dict) -> dict[str, float]:
     return {k: float(v) for k, v in terms.items()}
 
 
-class DualNetworkTrainer(Trainer):
-    """UNeXt (network A) and Swin-Unet (network B) trained together, with an EMA teacher of B (REFERENCE §1.3-1.4).
+def run_iterations(max_epochs: int, epoch_length: int, max_iterations: int | None = None) -> int:
+    """The iterations a run does: ``max_iterations``, or ``max_epochs * epoch_length`` when that is fewer or when
+    ``max_iterations`` is None (the config sizes the learning-rate decay with this too)."""
+    full = int(max_epochs) * int(epoch_length)
+    return full if max_iterations is None else min(int(max_iterations), full)
 
-    Per iteration, with labelled rows x_l, y and unlabelled rows x_u (x = cat(x_l, x_u)):
-    loss = [sup(A(x_l), y) + w_cps cps_A] + [sup(B(x_l), y) + w_cps cps_B + w_ict ict_B] + w_div L_ID(p_A(x), p_B(x)),
-    every w ramped up by ``w(t) = W exp(-5 (1 - min(t // r, L) / L)^2)``; ICT is 0 for the first
-    ``ict_warmup_iterations``. A runs once on x; B runs once on cat(x, ICT mix); the teacher (eval mode, no grad)
-    runs once on x_u. One backward of the summed loss, both optimisers step, then
-    teacher = alpha teacher + (1 - alpha) S with alpha = min(1 - 1 / (t + 1), ema_max_alpha), S the student
-    (its parameters and floating-point buffers: the teacher's batch-norm statistics follow the student's).
+
+class MixedPrecision:
+    """Autocast of the forward passes in ``dtype``, and for float16 one GradScaler for the one summed loss.
+
+    fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none (native on AVX512-BF16/AMX
+    CPUs and Ampere or newer GPUs). With several optimisers, each step unscales its own optimiser's gradients and
+    skips on inf/NaN; the scale is updated once per iteration.
+    """
+
+    def __init__(self, device: str | torch.device, enabled: bool = False, dtype: str = "bfloat16") -> None:
+        if not isinstance(enabled, bool):
+            raise ValueError(f"amp must be True or False, got {enabled!r} (on the command line: --amp True)")
+        if dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16', got {dtype!r}")
+        self.device_type = torch.device(device).type
+        self.enabled, self.dtype = enabled, getattr(torch, dtype)
+        self.scaler = torch.amp.GradScaler(self.device_type) if enabled and dtype == "float16" else None
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        for optimizer in optimizers:
+            optimizer.step() if self.scaler is None else self.scaler.step(optimizer)
+        if self.scaler is not None:
+            self.scaler.update()
+
+
+def _cat(rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    tensors = list(rows.values())
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)  # no copy for one
+
+
+class DualNetworkTrainer(Trainer):
+    """UNeXt (network A) and network B (the Swin-Unet) trained together, with an EMA teacher (arXiv 2509.06495).
+
+    Per iteration t (0-based), with labelled rows x_l, y and unlabelled rows x_u (x = cat(x_l, x_u)):
+    loss = sup(A(x_l), y) + sup(B(x_l), y) + sum over the terms of w(t) term, each term's weight W ramped up by
+    ``w(t) = W exp(-5 (1 - min(t // r, L) / L)^2)`` (L = ``rampup_length``, r = ``rampup_iterations`` // L).
+    Each network runs once per iteration (:meth:`forward`): A and B on x, the teacher's student also on the rows its
+    terms add (the ICT mix) in the same call, the teacher (eval mode, no grad) on the rows its terms ask for (x_u for
+    ICT, x_u + noise for Mean Teacher). One backward of the summed loss, both optimisers step, then the EMA teacher
+    follows its student (:class:`scripts.terms.EmaTeacher`). A term whose weight is 0 is never computed; while any
+    term (or ``forward_unlabeled``) uses them, x_u join the students' forward in every iteration.
 
     Distributed: the students may be DistributedDataParallel modules (``configs/multi_gpu_train.json``); the
     teacher is a copy of the wrapped module, updated from the synchronised student weights (parameters by DDP's
     gradient all-reduce, buffers broadcast from rank 0 after each step), hence identical on every rank.
 
-    The EMA teacher belongs to the student ``teacher_of`` ("b", the Swin-Unet, in the paper's method; "a" for the
-    single-UNeXt baselines). Its consistency terms: ICT as above (the mix joins the student's one forward), and
-    Mean Teacher (Tarvainen & Valpola 2017, as in SSL4MIS): mt = mean[(p_S(x_u) - p_T(x_u + n))^2] with
-    n = clamp(N(0, 0.1^2), -0.2, 0.2), the student's p_S(x_u) taken from its forward on x.
-
     Args:
-        device, max_epochs, train_data_loader, epoch_length, non_blocking, train_handlers, amp: as MONAI's Trainer;
+        device, max_epochs, train_data_loader, epoch_length, non_blocking, train_handlers: as MONAI's Trainer;
             ``train_data_loader`` yields ``{"labeled": {"image", "label"}, "unlabeled": {"image"}}`` (see
-            :class:`SemiSupervisedLoader`), so ``epoch_length`` is required.
+            :class:`SemiSupervisedLoader`), so ``epoch_length`` is required. One epoch ends in a validation.
         network_a, optimizer_a: the deployed CNN and its optimiser.
-        network_b, optimizer_b: the second network and its optimiser; ``None`` trains A alone (supervised).
-        cps_weight, ict_weight, divergence_weight, mt_weight: W of each unsupervised term; 0 switches the term off.
-            CPS and divergence need network B; ICT and Mean Teacher need the network named by ``teacher_of``.
-        teacher_of: "b" or "a": the student whose EMA teacher ICT and Mean Teacher use.
+        network_b, optimizer_b: the second network and its optimiser; ``None`` trains A alone.
+        loss_function: the supervised loss of logits (B, C, ...) and index labels (B, 1, ...).
+        terms: the unsupervised terms (:mod:`scripts.terms`), added in this order. CPS and information divergence
+            need network B; ICT and Mean Teacher need the EMA teacher's student.
+        ema_teacher: which student the EMA teacher follows and its alpha cap; made only when a term with a weight
+            above 0 needs it (default ``EmaTeacher()``: of network B, alpha at most 0.99).
         rampup_length: L of the ramp-up (200). rampup_iterations: iterations the ramp spans (r = that // L);
             defaults to the whole run, as the paper's schedule does.
-        ict_warmup_iterations: iterations before ICT starts (1000 in the paper). ict_alpha: Beta(a, a) mixing.
-        ema_max_alpha: the cap on the EMA decay (0.99).
-        amp: autocast of the forward passes in ``amp_dtype``; losses are computed in fp32.
-        amp_dtype: "bfloat16" (no gradient scaler needed; native on AVX512-BF16/AMX CPUs and Ampere or newer GPUs)
-            or "float16" (older GPUs: one GradScaler scales the summed loss and steps both optimisers).
+        max_iterations: end the run after this many iterations, in the middle of an epoch if need be (that epoch's
+            validation and checkpoint then run at once); None: ``max_epochs * epoch_length``.
+        amp, amp_dtype: autocast of the forward passes in "bfloat16" or "float16" (:class:`MixedPrecision`; MONAI's
+            own amp with its CUDA-only scaler is not used); losses are computed in fp32.
         forward_unlabeled: pass the unlabelled rows through the networks' forward even when no term uses them (no
             loss on them): the same-batch supervised baseline, whose batch-norm statistics then come from the same
             labelled + unlabelled batch as the full method's UNeXt.
@@ -181,133 +214,145 @@ class DualNetworkTrainer(Trainer):
         optimizer_a: torch.optim.Optimizer,
         network_b: torch.nn.Module | None = None,
         optimizer_b: torch.optim.Optimizer | None = None,
-        cps_weight: float = 1.0,
-        ict_weight: float = 1.0,
-        divergence_weight: float = 1.0,
-        mt_weight: float = 0.0,
-        teacher_of: str = "b",
+        *,
+        loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        terms: Sequence[UnsupervisedTerm] = (),
+        ema_teacher: EmaTeacher | None = None,
         rampup_length: int = 200,
         rampup_iterations: int | None = None,
-        ict_warmup_iterations: int = 1000,
-        ict_alpha: float = 0.5,
-        ema_max_alpha: float = 0.99,
+        max_iterations: int | None = None,
         non_blocking: bool = False,
         train_handlers: Sequence | None = None,
         amp: bool = False,
         amp_dtype: str = "bfloat16",
         forward_unlabeled: bool = False,
     ) -> None:
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            handlers=train_handlers,
-            amp=amp,
-            decollate=False,
-        )
-        if not isinstance(amp, bool):
-            raise ValueError(f"amp must be True or False, got {amp!r} (on the command line: --amp True)")
-        if amp_dtype not in ("bfloat16", "float16"):
-            raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16', got {amp_dtype!r}")
-        self.amp_dtype = getattr(torch, amp_dtype)
-        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
-        self.grad_scaler = (torch.amp.GradScaler(torch.device(device).type)
-                            if amp and amp_dtype == "float16" else None)
+        super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
+                         epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, decollate=False)
+        self.precision = MixedPrecision(device, amp, amp_dtype)
         if (network_b is None) != (optimizer_b is None):
             raise ValueError("network_b and optimizer_b must be given together")
-        if teacher_of not in ("a", "b"):
-            raise ValueError(f"teacher_of must be 'a' (the UNeXt) or 'b' (network B), got {teacher_of!r}")
-        weights = {"cps_weight": cps_weight, "ict_weight": ict_weight, "divergence_weight": divergence_weight,
-                   "mt_weight": mt_weight}
-        for name, value in weights.items():
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        needs_b = ["cps_weight", "divergence_weight"] + (["ict_weight", "mt_weight"] if teacher_of == "b" else [])
-        for name in needs_b:
-            if network_b is None and weights[name] > 0:
-                raise ValueError(f"{name}={weights[name]} needs a second network: set network_b or set {name} to 0")
         self.network_a, self.optimizer_a = network_a, optimizer_a
         self.network_b, self.optimizer_b = network_b, optimizer_b
-        self.cps_weight, self.ict_weight, self.divergence_weight = cps_weight, ict_weight, divergence_weight
-        self.mt_weight, self.teacher_of = mt_weight, teacher_of
-        self.rampup_length = rampup_length
-        self.rampup_iterations = rampup_iterations
-        self.ict_warmup_iterations = ict_warmup_iterations
-        self.ema_max_alpha = ema_max_alpha
+        self.students = {"a": network_a} if network_b is None else {"a": network_a, "b": network_b}
+        self.optimizers = [o for o in (optimizer_a, optimizer_b) if o is not None]
+        self.loss_function = loss_function
+        self.terms = list(terms)
+        self.rampup_length, self.rampup_iterations = rampup_length, rampup_iterations
+        self.max_iterations = max_iterations
         self.forward_unlabeled = forward_unlabeled
 
-        self.supervised_loss = SupervisedLoss()
-        self.cps_loss = CrossPseudoSupervisionLoss()
-        self.ict_loss = InterpolationConsistencyLoss(alpha=ict_alpha)
-        self.divergence_loss = InformationDivergenceLoss()
+        used = [term for term in self.terms if term.weight > 0]
+        if len({term.name for term in self.terms}) != len(self.terms):
+            raise ValueError(f"each term once: got {[term.name for term in self.terms]}")
+        self.ema_teacher = (ema_teacher or EmaTeacher()) if any(t.needs_teacher for t in used) else None
+        for term in used:
+            needs_b = term.needs_network_b or (term.needs_teacher and self.ema_teacher.student == "b")
+            if needs_b and network_b is None:
+                raise ValueError(f"{term.name}_weight={term.weight} needs a second network: set network_b or set "
+                                 f"{term.name}_weight to 0")
+        # the EMA teacher of the student, kept only when a term uses it; DDP: the teacher copies the wrapped module
+        self.teacher = (self.ema_teacher.follow(unwrap(self.students[self.ema_teacher.student]))
+                        if self.ema_teacher is not None else None)
+        self.uses_unlabeled = forward_unlabeled or bool(used)
 
-        # the EMA teacher of the student, kept only when a consistency term uses it
-        self.teacher: torch.nn.Module | None = None
-        if ict_weight > 0 or mt_weight > 0:
-            student = unwrap(network_a if teacher_of == "a" else network_b)  # DDP: the teacher copies its module
-            self.teacher = copy.deepcopy(student).eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
-            # floating-point tensors (parameters and buffers such as batch-norm running statistics, which the
-            # teacher uses in eval mode) for one fused EMA update per iteration; integer buffers are copied
-            pairs = list(zip(self.teacher.state_dict().values(), student.state_dict().values()))
-            floats = [(t, s) for t, s in pairs if t.is_floating_point()]
-            self._ema_pairs = ([t for t, _ in floats], [s for _, s in floats])
-            self._copied = [(t, s) for t, s in pairs if not t.is_floating_point()]
+        self.add_event_handler(Events.STARTED, lambda engine: engine.logger.info(engine.describe_terms()))
+        self.add_event_handler(Events.ITERATION_COMPLETED, self._end_epoch_at_last_iteration)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._stop_after_last_iteration)
+        self.add_event_handler(Events.EPOCH_STARTED, self._stop_if_done)
+
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The float16 loss scaler (checkpointed), None for bfloat16 or fp32."""
+        return self.precision.scaler
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return self.precision.dtype
+
+    @property
+    def iterations(self) -> int:
+        """The iterations of this run (:func:`run_iterations`)."""
+        return run_iterations(self.state.max_epochs, self.state.epoch_length, self.max_iterations)
+
+    def _end_epoch_at_last_iteration(self, engine: Engine) -> None:
+        if engine.state.iteration == self.iterations and engine.state.iteration % engine.state.epoch_length:
+            engine.terminate_epoch()  # a short last epoch: its EPOCH_COMPLETED handlers (validation...) still run
+
+    def _stop_after_last_iteration(self, engine: Engine) -> None:
+        """Stop once every iteration is done while epochs remain (fewer iterations than max_epochs * epoch_length)."""
+        if engine.state.iteration >= self.iterations and engine.state.epoch < engine.state.max_epochs:
+            engine.terminate()
+
+    def _stop_if_done(self, engine: Engine) -> None:
+        """A run resumed from its last checkpoint, after a short last epoch, has nothing left to do."""
+        if engine.state.iteration >= self.iterations:
+            engine.terminate()
 
     def describe_terms(self) -> str:
         """Which loss terms this run uses, each one's full weight, where its ramp ends and the weight it reaches."""
-        last = self.state.max_epochs * self.state.epoch_length - 1
-        total = self.rampup_iterations or last + 1
+        last = self.iterations - 1
+        full = self.rampup_interval() * max(0, self.rampup_length)  # the first t with min(t // r, L) = L
         at_end = self.unsupervised_weights(last)
-        terms = ["supervised (UNeXt" + (" and network B)" if self.network_b is not None else ")")]
-        for name, key, weight in (("CPS", "w_cps", self.cps_weight), ("ICT", "w_ict", self.ict_weight),
-                                  ("Mean Teacher", "w_mt", self.mt_weight),
-                                  ("information divergence", "w_div", self.divergence_weight)):
-            if weight > 0:
-                start = f", from iteration {self.ict_warmup_iterations}" if name == "ICT" else ""
-                terms.append(f"{name} (weight {weight:g}, ramped to full by iteration {int(total)}{start}; "
-                             f"{at_end[key]:.2f} at the last iteration)")
-        if self.forward_unlabeled and len(terms) == 1:
-            terms.append("unlabelled rows pass through the forward (batch-norm statistics), no loss on them")
-        return "loss terms: " + "; ".join(terms)
+        described = ["supervised (UNeXt" + (" and network B)" if self.network_b is not None else ")")]
+        for term in self.terms:
+            if term.weight > 0:
+                start = f", from iteration {term.start_iteration}" if term.start_iteration else ""
+                described.append(f"{term.label} (weight {term.weight:g}, ramped to full by iteration {full}"
+                                 f"{start}; {at_end[term.weight_key]:.2f} at the last iteration)")
+        if self.forward_unlabeled and len(described) == 1:
+            described.append("unlabelled rows pass through the forward (batch-norm statistics), no loss on them")
+        return "loss terms: " + "; ".join(described)
 
-    def run(self) -> None:  # type: ignore[override]
-        """Run (or continue) training. MONAI's own CUDA scaler is not made: this trainer keeps ``grad_scaler``."""
-        self.scaler = None
-        if self.state.iteration == 0:
-            self.logger.info(self.describe_terms())
-        Workflow.run(self)
+    def rampup_interval(self) -> int:
+        """r of the ramp-up: the iterations per ramp step, ``rampup_iterations`` (default: the run) // L, at least 1."""
+        total = self.rampup_iterations or self.iterations
+        return max(1, int(total // max(1, self.rampup_length)))
 
     def unsupervised_weights(self, iteration: int) -> dict[str, float]:
-        """The ramped weights (w_cps, w_ict, w_mt, w_div) at 0-based iteration t."""
-        total = self.rampup_iterations or self.state.max_epochs * self.state.epoch_length
-        interval = max(1, int(total // max(1, self.rampup_length)))
-        ramp = lambda w: sigmoid_rampup_weight(iteration, w, self.rampup_length, interval)  # noqa: E731
-        return {"w_cps": ramp(self.cps_weight), "w_ict": ramp(self.ict_weight), "w_mt": ramp(self.mt_weight),
-                "w_div": ramp(self.divergence_weight)}
+        """Every term's ramped weight (w_cps, w_ict, ...) at 0-based iteration t."""
+        interval = self.rampup_interval()
+        return {term.weight_key: sigmoid_rampup_weight(iteration, term.weight, self.rampup_length, interval)
+                for term in self.terms}
 
     def _to_device(self, batch: dict, key: str) -> torch.Tensor:
         return batch[key].to(self.state.device, non_blocking=self.non_blocking)
+
+    def forward(self, x_l: torch.Tensor, x_u: torch.Tensor | None, terms: Sequence[UnsupervisedTerm]) -> Predictions:
+        """Every network once on its named rows: the students on x_l (and x_u where this run uses it) plus the rows
+        the terms add for the teacher's student, the teacher on the rows the terms ask of it."""
+        batch = {"labeled": x_l} if x_u is None or not self.uses_unlabeled else {"labeled": x_l, "unlabeled": x_u}
+        rows = {**{name: dict(batch) for name in self.students}, "teacher": {}}
+        for term in terms:
+            for network, extra in term.extra_rows(x_u).items():
+                target = rows[self.ema_teacher.student if network == "student" else network]
+                for name, tensor in extra.items():
+                    if target.setdefault(name, tensor) is not tensor:
+                        raise ValueError(f"two terms ask for different {network} rows named {name!r}")
+        predictions = Predictions({"student": self.ema_teacher.student} if self.ema_teacher is not None else None)
+        counts = {network: {k: v.shape[0] for k, v in named.items()} for network, named in rows.items()}
+        with self.precision.autocast():
+            if rows["teacher"]:
+                with torch.no_grad():
+                    predictions.add("teacher", self.teacher(_cat(rows["teacher"])).float(), counts["teacher"])
+            for name, network in self.students.items():
+                network.train()
+                predictions.add(name, network(_cat(rows[name])).float(), counts[name])
+        return predictions
+
+    def supervised_loss(self, predictions: Predictions, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """sup_a (+ sup_b): ``loss_function`` on each student's labelled rows."""
+        logged = {f"sup_{name}": self.loss_function(predictions.logits(name, "labeled"), y) for name in self.students}
+        return sum(logged.values()), logged
 
     @torch.no_grad()
     def sync_buffers(self) -> None:
         """Distributed: give every rank rank 0's buffers (batch-norm statistics) after the step, as DDP would at the
         next forward, so that validation, checkpoints and the EMA teacher see one model on every rank."""
-        for network in (self.network_a, self.network_b):
+        for network in self.students.values():
             if isinstance(network, DistributedDataParallel) and network.broadcast_buffers:
                 for buffer in network.module.buffers():
                     torch.distributed.broadcast(buffer, src=0)
-
-    @torch.no_grad()
-    def update_teacher(self, iteration: int) -> None:
-        """teacher = alpha teacher + (1 - alpha) student, alpha = min(1 - 1 / (t + 1), ema_max_alpha)."""
-        alpha = ema_alpha(iteration, self.ema_max_alpha)
-        torch._foreach_lerp_(self._ema_pairs[0], self._ema_pairs[1], 1.0 - alpha)
-        for teacher, student in self._copied:
-            teacher.copy_(student)
 
     def _iteration(self, engine: DualNetworkTrainer, batchdata: dict[str, Any]) -> dict:
         if batchdata is None:
@@ -316,102 +361,40 @@ class DualNetworkTrainer(Trainer):
         x_l, y = self._to_device(labeled, Keys.IMAGE), self._to_device(labeled, Keys.LABEL)
         x_u = self._to_device(unlabeled, Keys.IMAGE) if unlabeled is not None else None
         t = engine.state.iteration - 1
-        n_l = x_l.shape[0]
-        a, b = self.network_a, self.network_b
-        has_teacher = self.teacher is not None and x_u is not None
-        use_cps = b is not None and x_u is not None and self.cps_weight > 0
-        use_ict = has_teacher and self.ict_weight > 0 and t >= self.ict_warmup_iterations
-        use_mt = has_teacher and self.mt_weight > 0
-        use_div = b is not None and self.divergence_weight > 0
-        use_unlabeled = x_u is not None and (use_cps or use_div or has_teacher or self.forward_unlabeled)
-        weights = self.unsupervised_weights(t) if use_unlabeled or use_div else {}
-        x = torch.cat((x_l, x_u)) if use_unlabeled else x_l
-        n = x.shape[0]
-
+        terms = [term for term in self.terms if term.active(t, x_u is not None)]
         engine.state.output = out = {Keys.IMAGE: x_l, Keys.LABEL: y}
-        a.train()
-        if b is not None:
-            b.train()
-        device_type = torch.device(engine.state.device).type
-        with torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp):
-            mixed = None
-            if use_ict or use_mt:
-                teacher_in = []
-                if use_ict:
-                    mixed, lam = self.ict_loss.mix(x_u)
-                    teacher_in.append(x_u)
-                if use_mt:
-                    teacher_in.append(x_u + torch.clamp(torch.randn_like(x_u) * 0.1, -0.2, 0.2))
-                with torch.no_grad():
-                    teacher_x = teacher_in[0] if len(teacher_in) == 1 else torch.cat(teacher_in)  # no copy for one
-                    teacher_prob = torch.softmax(self.teacher(teacher_x).float(), dim=1).split(x_u.shape[0])
-            # the ICT mix joins the student's one forward
-            mix_a, mix_b = (mixed, None) if self.teacher_of == "a" else (None, mixed)
-            logits_a = a(x if mix_a is None else torch.cat((x, mix_a))).float()
-            logits_b = b(x if mix_b is None else torch.cat((x, mix_b))).float() if b is not None else None
-        logits_s = logits_a if self.teacher_of == "a" else logits_b
-        logits_mixed = logits_s[n:] if use_ict else None
-        logits_a = logits_a[:n]
-        out[Keys.PRED] = logits_a[:n_l].detach()
+
+        predictions = self.forward(x_l, x_u, terms)
+        out[Keys.PRED] = predictions.logits("a", "labeled").detach()
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
-        loss = out["sup_a"] = self.supervised_loss(logits_a[:n_l], y)
-        # each softmax once, shared by every term that needs it
-        needs_prob = use_unlabeled or use_div
-        prob_a = torch.softmax(logits_a, dim=1) if needs_prob else None
-        prob_b = None
-        if b is not None:
-            logits_b = logits_b[:n]
-            out["sup_b"] = self.supervised_loss(logits_b[:n_l], y)
-            loss = loss + out["sup_b"]
-            prob_b = torch.softmax(logits_b, dim=1) if needs_prob else None
-            if use_cps:
-                out["cps_a"], out["cps_b"] = self.cps_loss(prob_a[n_l:], prob_b[n_l:])
-                loss = loss + weights["w_cps"] * (out["cps_a"] + out["cps_b"])
-            if use_div:
-                out["divergence"], out["kl"], out["mig"] = self.divergence_loss(prob_a, prob_b)
-                loss = loss + weights["w_div"] * out["divergence"]
-        if use_ict:
-            out["ict"] = self.ict_loss(torch.softmax(logits_mixed, dim=1), teacher_prob[0], lam)
-            loss = loss + weights["w_ict"] * out["ict"]
-        if use_mt:
-            prob_s = prob_a if self.teacher_of == "a" else prob_b
-            out["mt"] = torch.mean((prob_s[n_l:] - teacher_prob[-1]) ** 2)
-            loss = loss + weights["w_mt"] * out["mt"]
+        loss, logged = self.supervised_loss(predictions, y)
+        weights = self.unsupervised_weights(t) if terms or predictions.has("a", "unlabeled") else {}
+        for term in terms:
+            value, term_logged = term(predictions)
+            loss = loss + weights[term.weight_key] * value
+            logged.update(term_logged)
+        out.update({key: value.detach() for key, value in logged.items()})
         out[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
-        self.optimizer_a.zero_grad(set_to_none=True)
-        if self.optimizer_b is not None:
-            self.optimizer_b.zero_grad(set_to_none=True)
-        optimizers = [o for o in (self.optimizer_a, self.optimizer_b) if o is not None]
-        if self.grad_scaler is None:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            for optimizer in optimizers:
-                optimizer.step()
-        else:  # one scaler for the one summed loss: each step unscales its optimiser's gradients, skips on inf/NaN
-            self.grad_scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            for optimizer in optimizers:
-                self.grad_scaler.step(optimizer)
-            self.grad_scaler.update()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        self.precision.step(self.optimizers)
         self.sync_buffers()
-        if self.teacher is not None:
-            self.update_teacher(t)
+        if self.ema_teacher is not None:
+            self.ema_teacher.update(t)
 
-        for k in LOSS_TERMS:
-            if k in out:
-                out[k] = out[k].detach() if isinstance(out[k], torch.Tensor) else out[k]
-        out.update(weights)
-        out["lr"] = self.optimizer_a.param_groups[0]["lr"]
+        out.update(weights, lr=self.optimizer_a.param_groups[0]["lr"])
         out[Keys.LOSS] = loss.detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return out
 
 
 class TrainingProgressBar:
-    """A tqdm progress bar over the whole run showing the total loss (ignite's ProgressBar, attachable from a config)."""
+    """A tqdm progress bar over the whole run showing the total loss (ignite's ProgressBar, attachable in a config)."""
 
     def __init__(self, persist: bool = False) -> None:
         from ignite.handlers import ProgressBar

@@ -85,6 +85,7 @@ def test_export_merges_the_monailabel_override_and_keeps_a_trained_model(tmp_pat
     assert [t["_target_"] for t in post][-3:] == ["SaveImaged", "SqueezeDimd", "CastToTyped"]
     train = json.loads((out / "configs" / "train.json").read_text())
     assert train["val_interval"] == 3 and train["train"]["trainer"]["max_epochs"] == 5
+    assert train["train"]["trainer"]["max_iterations"] is None  # MONAI Label's max_epochs alone sizes its runs
     assert sorted(p.name for p in (out / "models").iterdir()) == ["model.pt"]
     assert (out / "scripts" / "networks" / "unext.py").is_file() and not list(out.rglob("__pycache__"))
     # a model MONAI Label trained in the copy survives a re-export that names none

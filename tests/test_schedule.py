@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser
 
+from scripts.terms import CrossPseudoSupervisionTerm
 from scripts.trainer import DualNetworkTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +38,7 @@ def test_default_and_evidence_ramps_reach_half_weight_by_the_last_iteration(reci
     # the trainer's own ramp agrees with the formula above
     trainer = DualNetworkTrainer.__new__(DualNetworkTrainer)
     trainer.rampup_iterations, trainer.rampup_length = rampup, length
-    trainer.cps_weight = trainer.ict_weight = trainer.divergence_weight = 1.0
-    trainer.mt_weight = 0.0
+    trainer.terms = [CrossPseudoSupervisionTerm(weight=1.0)]
     assert trainer.unsupervised_weights(total - 1)["w_cps"] == pytest.approx(ramp(total - 1, rampup, length))
 
 

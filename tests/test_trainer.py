@@ -10,6 +10,13 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch.utils.data import DataLoader
 
 from scripts.losses import SupervisedLoss, ema_alpha
+from scripts.terms import (
+    CrossPseudoSupervisionTerm,
+    EmaTeacher,
+    InformationDivergenceTerm,
+    InterpolationConsistencyTerm,
+    MeanTeacherTerm,
+)
 from scripts.trainer import DualNetworkTrainer, SemiSupervisedLoader, loss_terms
 
 
@@ -41,7 +48,16 @@ def make_loaders(n_labeled=4, n_unlabeled=8, lb=1, ub=4, seed=0):
     )
 
 
-def make_trainer(iterations=3, net_b=True, max_epochs=1, unlabeled=None, **weights):
+def method(cps_weight=0.0, ict_weight=0.0, divergence_weight=0.0, mt_weight=0.0, ict_warmup_iterations=1000,
+           teacher_of="b"):
+    """The trainer's terms and EMA teacher as configs/train.json declares them, from its weights."""
+    terms = [CrossPseudoSupervisionTerm(cps_weight), InformationDivergenceTerm(divergence_weight),
+             InterpolationConsistencyTerm(ict_weight, warmup_iterations=ict_warmup_iterations), MeanTeacherTerm(mt_weight)]
+    return {"loss_function": SupervisedLoss(), "terms": terms, "ema_teacher": EmaTeacher(student=teacher_of)}
+
+
+def make_trainer(iterations=3, net_b=True, max_epochs=1, unlabeled=None, max_iterations=None, amp=False,
+                 amp_dtype="bfloat16", **weights):
     a, b = CountingNet(0), CountingNet(1) if net_b else None
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9) if net_b else None
@@ -51,7 +67,8 @@ def make_trainer(iterations=3, net_b=True, max_epochs=1, unlabeled=None, **weigh
     kwargs.update(weights)
     trainer = DualNetworkTrainer(
         device="cpu", max_epochs=max_epochs, epoch_length=iterations, train_data_loader=make_loaders(ub=4 if (net_b if unlabeled is None else unlabeled) else 0),
-        network_a=a, optimizer_a=opt_a, network_b=b, optimizer_b=opt_b, rampup_length=200, **kwargs,
+        network_a=a, optimizer_a=opt_a, network_b=b, optimizer_b=opt_b, rampup_length=200, max_iterations=max_iterations,
+        amp=amp, amp_dtype=amp_dtype, **method(**kwargs),
     )
     return trainer, a, b
 
@@ -244,8 +261,7 @@ def test_teacher_follows_the_students_batch_norm_statistics():
     a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
     opt = torch.optim.SGD(a.parameters(), lr=0.1)
     trainer = DualNetworkTrainer(device="cpu", max_epochs=1, epoch_length=2, train_data_loader=make_loaders(),
-                                 network_a=a, optimizer_a=opt, cps_weight=0.0, ict_weight=0.0, divergence_weight=0.0,
-                                 mt_weight=1.0, teacher_of="a")
+                                 network_a=a, optimizer_a=opt, **method(mt_weight=1.0, teacher_of="a"))
     seen = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(
         (a[1].running_mean.clone(), e.teacher[1].running_mean.clone(), e.teacher[1].num_batches_tracked.clone())))
@@ -354,10 +370,74 @@ def test_same_batch_supervised_forward_sees_the_unlabelled_rows_but_scores_only_
     loader = [{"labeled": {"image": x_l, "label": y}, "unlabeled": {"image": x_u}}]
     trainer = DualNetworkTrainer(device="cpu", max_epochs=1, train_data_loader=loader, epoch_length=1,
                                  network_a=network, optimizer_a=torch.optim.SGD(network.parameters(), lr=0.0),
-                                 cps_weight=0.0, ict_weight=0.0, divergence_weight=0.0, forward_unlabeled=True)
+                                 forward_unlabeled=True, **method())
     trainer.run()
     assert seen == [5]
     out = trainer.state.output
     expected = SupervisedLoss()(out["pred"], y)  # pred: the labelled rows' logits of that same forward
     assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-6)
     assert not {"cps_a", "ict", "divergence"} & set(out)
+
+
+@pytest.mark.parametrize("max_epochs", [3, 4])
+def test_max_iterations_ends_the_run_in_a_short_last_epoch(max_epochs):
+    """5 iterations in epochs of 2: the third epoch has one iteration and still ends in EPOCH_COMPLETED (validation,
+    checkpoint), also when max_epochs would allow more; a run resumed after that has nothing left to do."""
+    trainer, _, _ = make_trainer(iterations=2, max_epochs=max_epochs, max_iterations=5)
+    ends = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: ends.append(e.state.iteration))
+    trainer.run()
+    assert trainer.state.iteration == 5 and ends == [2, 4, 5]
+    assert trainer.iterations == 5
+
+    resumed, a, _ = make_trainer(iterations=2, max_epochs=max_epochs, max_iterations=5)
+    resumed.add_event_handler(Events.STARTED, lambda e: e.load_state_dict(trainer.state_dict()))
+    resumed.run()
+    assert resumed.state.iteration == 5 and a.calls == 0
+
+
+def test_teacher_rows_are_read_by_name_with_ict_and_mean_teacher_together():
+    """ICT and Mean Teacher on one teacher: one teacher call on x_u and x_u + noise; each term's target is the
+    teacher's output on its own input, found here by comparing inputs, not by where the rows sit."""
+    torch.manual_seed(0)
+    trainer, a, _ = make_trainer(iterations=1, net_b=False, unlabeled=True, teacher_of="a", ict_weight=1.0,
+                                 ict_warmup_iterations=0, mt_weight=1.0)
+    student, teacher = [], []
+    capture_outputs(a, student)
+    capture_outputs(trainer.teacher, teacher)
+    trainer.run()
+    out = loss_terms(trainer.state.output)
+    (x, logits_a), = student
+    (x_t, logits_t), = teacher  # one teacher call
+    x_u = x[1:5]
+    clean = [i for i in range(x_t.shape[0]) if torch.equal(x_t[i], x_u[i % 4])]
+    noisy = [i for i in range(x_t.shape[0]) if i not in clean]
+    assert len(clean) == len(noisy) == 4 and (x_t[noisy] - x_u).abs().max() <= 0.2 + 1e-6
+    p_t = torch.softmax(logits_t, 1)
+    p_s = torch.softmax(logits_a, 1)
+    assert out["mt"] == pytest.approx(float(((p_s[1:5] - p_t[noisy]) ** 2).mean()), rel=1e-5)
+    t_u = p_t[clean]
+    lam = ((x[5:] - x_u[:2]) / (x_u[2:] - x_u[:2]))[:, :1, :1, :1]
+    target = (1 - lam) * t_u[:2] + lam * t_u[2:]
+    assert out["ict"] == pytest.approx(float(((p_s[5:] - target) ** 2).mean()), rel=1e-5)
+    assert out["loss"] == pytest.approx(out["sup_a"] + out["w_ict"] * out["ict"] + out["w_mt"] * out["mt"], rel=1e-5)
+
+
+def test_a_term_without_its_network_or_with_a_negative_weight_is_refused():
+    with pytest.raises(ValueError, match="divergence_weight=1.0 needs a second network"):
+        make_trainer(net_b=False, divergence_weight=1.0)
+    with pytest.raises(ValueError, match="ict_weight must be >= 0"):
+        InterpolationConsistencyTerm(weight=-1.0)
+
+
+def test_log_line_names_the_iteration_the_ramp_reaches_full_weight():
+    """Full weight from the first t with t // r >= L, t = r L, whatever rampup_iterations asked for (r is at least 1)."""
+    trainer, _, _ = make_trainer(iterations=10, max_epochs=30, ict_warmup_iterations=7)  # 300 iterations, L = 200
+    assert trainer.rampup_interval() == 1
+    line = trainer.describe_terms()
+    assert "CPS (weight 1, ramped to full by iteration 200; 1.00 at the last iteration)" in line
+    assert "ICT (weight 1, ramped to full by iteration 200, from iteration 7; " in line
+    assert trainer.unsupervised_weights(199)["w_cps"] < 1.0 == trainer.unsupervised_weights(200)["w_cps"]
+    trainer.rampup_iterations = 1000  # r = 5
+    assert "CPS (weight 1, ramped to full by iteration 1000; 0.08 at the last iteration)" in trainer.describe_terms()
+    assert trainer.unsupervised_weights(999)["w_ict"] < 1.0 == trainer.unsupervised_weights(1000)["w_ict"]

@@ -1,4 +1,4 @@
-"""Reader for ACOUSLIC-AI (MICCAI 2024 fetal abdomen blind sweeps; CC BY-NC-SA), as downloaded (REFERENCE §2)::
+"""Reader for ACOUSLIC-AI (MICCAI 2024 fetal abdomen blind sweeps; CC BY-NC-SA), as downloaded (docs/README.md#data)::
 
     <root>/images/stacked_fetal_ultrasound/<uuid>.mha      744 x 562 x 840 (6 sweeps x 140 frames), 0.28 mm
     <root>/masks/stacked_fetal_abdomen/<uuid>.mha          same geometry; 0 background, 1 optimal, 2 suboptimal plane

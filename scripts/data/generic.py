@@ -1,4 +1,4 @@
-"""Image/label folder layouts: generic ``images/`` + ``labels/``, FUGC and PSFHS (REFERENCE §2).
+"""Image/label folder layouts: generic ``images/`` + ``labels/``, FUGC and PSFHS (docs/README.md#data).
 
     generic  <root>/images/<stem>.<ext>  [+ <root>/labels/<stem>.<ext>]      any mix of PNG, JPG, NIfTI, MHA, NRRD
     fugc     <root>/train/labeled_data/images|labels/0001.png + <root>/train/unlabeled_data/images/*.png

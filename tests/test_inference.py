@@ -223,6 +223,7 @@ def test_batched_pipeline_writes_the_documented_masks_and_measurements(tmp_path)
         assert np.array_equal(written, clean), f"{name}: {int((written != clean).sum())} pixels differ"
 
 
+@pytest.mark.slow
 def test_one_bad_file_is_named_and_skipped_and_the_exit_status_says_so(tmp_path):
     """3 good files (PNG, JPEG, DICOM) and 1 bad DICOM: masks for every good file, the bad one named, exit 1."""
     inference_inputs(tmp_path / "in")

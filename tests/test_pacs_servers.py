@@ -122,6 +122,7 @@ def test_misbehaving_server_ends_in_one_line_naming_server_request_and_cause(cas
         assert len(seen) == 2  # --retries 2: two attempts, then the message
 
 
+@pytest.mark.slow
 def test_misbehaving_server_from_the_command_line(bundle_root, tmp_path):
     server, url, _ = stand_in(malformed_study)
     try:
@@ -137,6 +138,7 @@ def test_misbehaving_server_from_the_command_line(bundle_root, tmp_path):
     assert len(errors) == 1 and url in errors[0] and "without StudyInstanceUID (0020000D)" in errors[0], done.stderr
 
 
+@pytest.mark.slow
 def test_bare_command_prints_help_not_a_traceback():
     done = subprocess.run([sys.executable, "-m", "scripts.pacs"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)

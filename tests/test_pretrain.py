@@ -38,6 +38,7 @@ def test_simmim_loss_counts_only_hidden_pixels():
     assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_pretrain_command_writes_an_encoder_that_loads_completely(tmp_path):
     dataset = tmp_path / "phantom"
     generate_phantom(dataset, num_subjects=8, image_size=(256, 192), seed=1, progress=False)

@@ -65,10 +65,17 @@ def _trainer(size: int, labeled_batch: int, unlabeled_batch: int, iterations: in
     )
     a, b = UNeXt().to(device), SwinUnet(img_size=size).to(device)
     sgd = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    return DualNetworkTrainer(
-        device, 1, loader, iterations, a, torch.optim.SGD(a.parameters(), **sgd), b,
-        torch.optim.SGD(b.parameters(), **sgd), ict_warmup_iterations=0, amp=amp,
-    )
+    optimizers = torch.optim.SGD(a.parameters(), **sgd), torch.optim.SGD(b.parameters(), **sgd)
+    try:  # this checkout: loss terms as components (scripts/terms.py)
+        from scripts.losses import SupervisedLoss
+        from scripts.terms import CrossPseudoSupervisionTerm, InformationDivergenceTerm, InterpolationConsistencyTerm
+    except ImportError:  # a revision from before them (--against): the trainer took the weights as arguments
+        return DualNetworkTrainer(device, 1, loader, iterations, a, optimizers[0], b, optimizers[1],
+                                  ict_warmup_iterations=0, amp=amp)
+    terms = [CrossPseudoSupervisionTerm(1.0), InformationDivergenceTerm(1.0),
+             InterpolationConsistencyTerm(1.0, warmup_iterations=0)]
+    return DualNetworkTrainer(device, 1, loader, iterations, a, optimizers[0], b, optimizers[1],
+                              loss_function=SupervisedLoss(), terms=terms, amp=amp)
 
 
 #: what :func:`measure_iterations` records per iteration

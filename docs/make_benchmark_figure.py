@@ -40,13 +40,24 @@ def main(out: str, groups: dict, paper: str | None = None, fraction: float = 0.0
                 continue
             x = i + (j - (len(per_group) - 1) / 2) * width
             std = statistics.stdev(dice) if len(dice) > 1 else 0.0
-            ax.bar(x, statistics.fmean(dice), width, yerr=std, capsize=2, color=f"C{j}",
-                   label=name if i == min(k for k, m in enumerate(methods) if any(
-                       r["method"] == m for r in results)) else None)
+            ax.bar(
+                x,
+                statistics.fmean(dice),
+                width,
+                yerr=std,
+                capsize=2,
+                color=f"C{j}",
+                label=name
+                if i == min(k for k, m in enumerate(methods) if any(r["method"] == m for r in results))
+                else None,
+            )
             ax.scatter([x] * len(dice), dice, s=6, color="black", zorder=3)
     ax.set_xticks(range(len(methods)), [m.replace("_", " ") for m in methods], rotation=30, ha="right")
-    ax.set(ylabel="test Dice (bars: mean ± std over seeds)", ylim=(0.5, 1.0),
-           title=f"phantom test list, {fraction:.0%} labels (fully supervised: 100 %)")
+    ax.set(
+        ylabel="test Dice (bars: mean ± std over seeds)",
+        ylim=(0.5, 1.0),
+        title=f"phantom test list, {fraction:.0%} labels (fully supervised: 100 %)",
+    )
     ax.legend(fontsize=8, loc="upper right")
 
     if paper:
@@ -57,10 +68,18 @@ def main(out: str, groups: dict, paper: str | None = None, fraction: float = 0.0
                     with open(curve) as f:
                         points = list(csv.DictReader(f))
                     label = method.replace("_", " ") + ("" if (run / "result.json").is_file() else " (stopped early)")
-                    ax_paper.plot([int(p["iteration"]) for p in points], [float(p["val_mean_dice"]) for p in points],
-                                  color=f"C{colour + 3}", label=label)
-        ax_paper.set(xlabel="iteration", ylabel="validation Dice", ylim=(0, 1),
-                     title="paper's recipe (448 px, 5 %, batch 1 + 4), H100")
+                    ax_paper.plot(
+                        [int(p["iteration"]) for p in points],
+                        [float(p["val_mean_dice"]) for p in points],
+                        color=f"C{colour + 3}",
+                        label=label,
+                    )
+        ax_paper.set(
+            xlabel="iteration",
+            ylabel="validation Dice",
+            ylim=(0, 1),
+            title="paper's recipe (448 px, 5 %, batch 1 + 4), H100",
+        )
         ax_paper.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out)

@@ -1,6 +1,7 @@
 """docs/evidence.png: the evidence recipe's test Dice per method and seed, and what the full method's networks did.
 
-    python docs/make_evidence_figure.py --groups "{'': 'docs/benchmark/evidence', 'SimMIM start': 'docs/benchmark/evidence_ssl'}" \
+    python docs/make_evidence_figure.py \
+        --groups "{'': 'docs/benchmark/evidence', 'SimMIM start': 'docs/benchmark/evidence_ssl'}" \
         --out docs/evidence.png
 
 Reads each run's ``result.json`` and ``diagnostics.csv`` (a run folder of ``scripts.compare``, or its committed
@@ -65,11 +66,28 @@ def main(groups: dict, out: str = "docs/evidence.png") -> str:
     left.set(ylabel="test Dice (UNeXt)", title="test Dice: seeds (dots) and mean (bar)")
     lows = [p.get_height() for p in left.patches]
     left.set_ylim(max(0.0, min(lows) - 0.15) if lows else 0, 1)
-    curves = _curves(full_dirs, ("val_dice_a", "val_dice_b", "val_dice_teacher", "pseudo_dice_a", "pseudo_dice_b",
-                                 "pseudo_dice_teacher", "w_cps", "w_ict", "w_div"))
-    names = {"val_dice_a": "UNeXt", "val_dice_b": "Swin-Unet", "val_dice_teacher": "EMA teacher",
-             "pseudo_dice_a": "UNeXt pseudo-labels", "pseudo_dice_b": "Swin-Unet pseudo-labels",
-             "pseudo_dice_teacher": "teacher pseudo-labels"}
+    curves = _curves(
+        full_dirs,
+        (
+            "val_dice_a",
+            "val_dice_b",
+            "val_dice_teacher",
+            "pseudo_dice_a",
+            "pseudo_dice_b",
+            "pseudo_dice_teacher",
+            "w_cps",
+            "w_ict",
+            "w_div",
+        ),
+    )
+    names = {
+        "val_dice_a": "UNeXt",
+        "val_dice_b": "Swin-Unet",
+        "val_dice_teacher": "EMA teacher",
+        "pseudo_dice_a": "UNeXt pseudo-labels",
+        "pseudo_dice_b": "Swin-Unet pseudo-labels",
+        "pseudo_dice_teacher": "teacher pseudo-labels",
+    }
     for key, (its, values) in curves.items():
         if key.startswith("val_"):
             middle.plot(its, values, marker=".", label=names[key])
@@ -80,10 +98,18 @@ def main(groups: dict, out: str = "docs/evidence.png") -> str:
         if key in curves:
             weights.plot(*curves[key], linestyle=":", label=key)
     weights.set(ylabel="ramped weight", ylim=(0, 1.05))
-    middle.set(xlabel="iteration", ylabel="validation Dice (mean over seeds)", ylim=(0, 1),
-               title="full method: the three networks")
-    right.set(xlabel="iteration", ylabel="Dice against the hidden masks", ylim=(0, 1),
-              title="full method: pseudo-labels on unlabelled images")
+    middle.set(
+        xlabel="iteration",
+        ylabel="validation Dice (mean over seeds)",
+        ylim=(0, 1),
+        title="full method: the three networks",
+    )
+    right.set(
+        xlabel="iteration",
+        ylabel="Dice against the hidden masks",
+        ylim=(0, 1),
+        title="full method: pseudo-labels on unlabelled images",
+    )
     for ax in (middle, right, weights):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="lower right" if ax is not weights else "lower center")

@@ -13,8 +13,11 @@ def box(ax, xy, text, colour, w=2.3, h=0.9):
 
 
 def arrow(ax, a, b, text="", colour="0.25", style="-|>", rad=0.0, dy=0.12):
-    ax.add_patch(FancyArrowPatch(a, b, arrowstyle=style, mutation_scale=12, color=colour, lw=1.3,
-                                 connectionstyle=f"arc3,rad={rad}"))
+    ax.add_patch(
+        FancyArrowPatch(
+            a, b, arrowstyle=style, mutation_scale=12, color=colour, lw=1.3, connectionstyle=f"arc3,rad={rad}"
+        )
+    )
     if text:
         ax.text((a[0] + b[0]) / 2, (a[1] + b[1]) / 2 + dy, text, ha="center", va="bottom", fontsize=8, color=colour)
 
@@ -36,14 +39,27 @@ def main(out=Path(__file__).with_name("method.png")):
         arrow(ax, (2.6, y), (4.0, 1.4), rad=0.0 if y == 1.4 else 0.15)
     arrow(ax, (6.4, 4.4), (8.6, 4.4), "labelled rows")
     arrow(ax, (5.0, 3.9), (5.0, 1.9), colour="#7a3b9a", style="<|-|>")
-    ax.text(4.85, 2.9, "cross pseudo supervision\n(Dice vs the other's argmax)", fontsize=8, color="#7a3b9a",
-            ha="right", va="center")
+    ax.text(
+        4.85,
+        2.9,
+        "cross pseudo supervision\n(Dice vs the other's argmax)",
+        fontsize=8,
+        color="#7a3b9a",
+        ha="right",
+        va="center",
+    )
     ax.text(5.55, 2.9, "information divergence\nKL(pA||pB) + MIG", fontsize=8, color="#b03030", va="center")
     arrow(ax, (6.4, 1.6), (8.6, 1.6), colour="#a06000")
     ax.text(7.5, 2.05, "ICT: B(mix(u0, u1))\nvs mix(T(u0), T(u1))", fontsize=8, color="#a06000", ha="center")
     arrow(ax, (6.4, 1.15), (8.6, 1.15), "EMA update", "0.5", dy=-0.45)
-    ax.text(6, 0.25, "unsupervised weights ramp up as W exp(-5 (1 - t/T)^2); ICT starts after a warm-up", ha="center",
-            fontsize=8, color="0.3")
+    ax.text(
+        6,
+        0.25,
+        "unsupervised weights ramp up as W exp(-5 (1 - t/T)^2); ICT starts after a warm-up",
+        ha="center",
+        fontsize=8,
+        color="0.3",
+    )
     fig.savefig(out)
     return out
 

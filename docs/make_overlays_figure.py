@@ -42,19 +42,38 @@ def pick(rows: list[dict]) -> list[dict]:
     return picked
 
 
-def main(metrics: str = str(ROOT / "eval" / "test" / "metrics.json"),
-         pixel_size_csv: str = str(ROOT / "data" / "phantom" / "training_set_pixel_size_and_HC.csv"),
-         ckpt_dir: str = str(ROOT / "models"), output: str = str(ROOT / "docs" / "inference_overlays.png"))\
-        -> None:
+def main(
+    metrics: str = str(ROOT / "eval" / "test" / "metrics.json"),
+    pixel_size_csv: str = str(ROOT / "data" / "phantom" / "training_set_pixel_size_and_HC.csv"),
+    ckpt_dir: str = str(ROOT / "models"),
+    output: str = str(ROOT / "docs" / "inference_overlays.png"),
+) -> None:
     rows = pick(json.loads(Path(metrics).read_text())["per_image"])
     with tempfile.TemporaryDirectory() as tmp:
         inputs, out = Path(tmp) / "in", Path(tmp) / "out"
         inputs.mkdir()
         for row in rows:
             shutil.copy(row["filename"], inputs / Path(row["filename"]).name)
-        subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                        "--dataset_dir", str(inputs), "--output_dir", str(out), "--pixel_size_csv", pixel_size_csv,
-                        "--ckpt_dir", ckpt_dir], cwd=ROOT, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                "configs/inference.json",
+                "--dataset_dir",
+                str(inputs),
+                "--output_dir",
+                str(out),
+                "--pixel_size_csv",
+                pixel_size_csv,
+                "--ckpt_dir",
+                ckpt_dir,
+            ],
+            cwd=ROOT,
+            check=True,
+        )
         measured = {Path(m["filename"]).stem: m for m in json.loads((out / "measurements.json").read_text())}
         fig, axes = plt.subplots(2, 3, figsize=(15, 7.2))
         for ax, row in zip(axes.flat, rows):
@@ -62,13 +81,18 @@ def main(metrics: str = str(ROOT / "eval" / "test" / "metrics.json"),
             ax.imshow(np.asarray(Image.open(out / f"{stem}_overlay.png")))
             error = row.get("circumference_abs_error_mm")
             flags = measured.get(stem, {}).get("flags") or "no flags"
-            ax.set_title(f"{stem}: Dice {row['dice']:.2f}, HC error "
-                         f"{'-' if error is None else f'{error:.1f} mm'}\n{flags}", fontsize=9)
+            ax.set_title(
+                f"{stem}: Dice {row['dice']:.2f}, HC error {'-' if error is None else f'{error:.1f} mm'}\n{flags}",
+                fontsize=9,
+            )
             ax.axis("off")
-        for ax in list(axes.flat)[len(rows):]:
+        for ax in list(axes.flat)[len(rows) :]:
             ax.axis("off")
-        fig.suptitle("configs/inference.json with models/model.pt on phantom test images (Dice percentiles 0, 10, 25, "
-                     "50, 75, 90): mask, fitted ellipse, flags", fontsize=10)
+        fig.suptitle(
+            "configs/inference.json with models/model.pt on phantom test images (Dice percentiles 0, 10, 25, "
+            "50, 75, 90): mask, fitted ellipse, flags",
+            fontsize=10,
+        )
         fig.tight_layout()
         fig.savefig(output, dpi=90)
     print(f"wrote {output}")

@@ -39,9 +39,15 @@ def _measurements(sr: pydicom.Dataset) -> list[dict]:
         for measurement in group.get_measurements():
             name = LOINC_CIRCUMFERENCES.get(measurement.name.value)
             if name:
-                found.append({"name": name, "mm": float(measurement.value), "seg": segment.referenced_sop_instance_uid,
-                              "source": source.referenced_sop_instance_uid,
-                              "frames": source.referenced_frame_numbers})
+                found.append(
+                    {
+                        "name": name,
+                        "mm": float(measurement.value),
+                        "seg": segment.referenced_sop_instance_uid,
+                        "source": source.referenced_sop_instance_uid,
+                        "frames": source.referenced_frame_numbers,
+                    }
+                )
     return found
 
 
@@ -51,8 +57,13 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def main(url: str, study_uid: str, output: str = "docs/pacs_result.png", credentials_file: str | None = None,
-         max_panels: int = 3) -> str:
+def main(
+    url: str,
+    study_uid: str,
+    output: str = "docs/pacs_result.png",
+    credentials_file: str | None = None,
+    max_panels: int = 3,
+) -> str:
     from matplotlib.figure import Figure
 
     client = pacs.connect(url, pacs.read_credentials(credentials_file))
@@ -88,8 +99,14 @@ def main(url: str, study_uid: str, output: str = "docs/pacs_result.png", credent
         overlay[edge] = (0.1, 1.0, 0.3, 1.0)
         axis.imshow(overlay)
         axis.set_title(f"SEG read back from the PACS; SR: {m['name']} {m['mm']:.1f} mm", fontsize=9)
-        axis.text(0.01, 0.01, f"patient {patient}, pixel {pixel_size[0]:.3f} mm", color="yellow", fontsize=7,
-                  transform=axis.transAxes)
+        axis.text(
+            0.01,
+            0.01,
+            f"patient {patient}, pixel {pixel_size[0]:.3f} mm",
+            color="yellow",
+            fontsize=7,
+            transform=axis.transAxes,
+        )
         axis.axis("off")
     figure.tight_layout()
     figure.savefig(output)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -31,7 +30,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -50,12 +48,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _trainer(size: int, labeled_batch: int, unlabeled_batch: int, iterations: int, amp: bool,
-             device: torch.device) -> DualNetworkTrainer:
+def _trainer(
+    size: int, labeled_batch: int, unlabeled_batch: int, iterations: int, amp: bool, device: torch.device
+) -> DualNetworkTrainer:
     g = torch.Generator().manual_seed(0)
     labeled = [
-        {"image": torch.rand(3, size, size, generator=g),
-         "label": (torch.rand(1, size, size, generator=g) > 0.5).float()}
+        {
+            "image": torch.rand(3, size, size, generator=g),
+            "label": (torch.rand(1, size, size, generator=g) > 0.5).float(),
+        }
         for _ in range(2 * labeled_batch)
     ]
     unlabeled = [{"image": torch.rand(3, size, size, generator=g)} for _ in range(2 * unlabeled_batch)]
@@ -70,12 +71,27 @@ def _trainer(size: int, labeled_batch: int, unlabeled_batch: int, iterations: in
         from scripts.losses import SupervisedLoss
         from scripts.terms import CrossPseudoSupervisionTerm, InformationDivergenceTerm, InterpolationConsistencyTerm
     except ImportError:  # a revision from before them (--against): the trainer took the weights as arguments
-        return DualNetworkTrainer(device, 1, loader, iterations, a, optimizers[0], b, optimizers[1],
-                                  ict_warmup_iterations=0, amp=amp)
-    terms = [CrossPseudoSupervisionTerm(1.0), InformationDivergenceTerm(1.0),
-             InterpolationConsistencyTerm(1.0, warmup_iterations=0)]
-    return DualNetworkTrainer(device, 1, loader, iterations, a, optimizers[0], b, optimizers[1],
-                              loss_function=SupervisedLoss(), terms=terms, amp=amp)
+        return DualNetworkTrainer(
+            device, 1, loader, iterations, a, optimizers[0], b, optimizers[1], ict_warmup_iterations=0, amp=amp
+        )
+    terms = [
+        CrossPseudoSupervisionTerm(1.0),
+        InformationDivergenceTerm(1.0),
+        InterpolationConsistencyTerm(1.0, warmup_iterations=0),
+    ]
+    return DualNetworkTrainer(
+        device,
+        1,
+        loader,
+        iterations,
+        a,
+        optimizers[0],
+        b,
+        optimizers[1],
+        loss_function=SupervisedLoss(),
+        terms=terms,
+        amp=amp,
+    )
 
 
 #: what :func:`measure_iterations` records per iteration
@@ -88,8 +104,15 @@ def _usage() -> tuple[float, float, int]:
     return r.ru_utime, r.ru_stime, r.ru_minflt
 
 
-def measure_iterations(size: int = 224, labeled_batch: int = 1, unlabeled_batch: int = 4, runs: int = 5,
-                       warmup: int = 2, amp: bool = False, device: str = "cpu") -> dict[str, list[float]]:
+def measure_iterations(
+    size: int = 224,
+    labeled_batch: int = 1,
+    unlabeled_batch: int = 4,
+    runs: int = 5,
+    warmup: int = 2,
+    amp: bool = False,
+    device: str = "cpu",
+) -> dict[str, list[float]]:
     """Per timed training iteration (after ``warmup`` untimed ones): wall seconds (the GPU synchronised), user and
     system CPU seconds and minor page faults of this process, as lists under :data:`ITERATION_FIGURES`."""
     from ignite.engine import Events
@@ -109,8 +132,15 @@ def measure_iterations(size: int = 224, labeled_batch: int = 1, unlabeled_batch:
     return {name: [d[i] for d in deltas] for i, name in enumerate(ITERATION_FIGURES)}
 
 
-def iteration_times(size: int = 224, labeled_batch: int = 1, unlabeled_batch: int = 4, runs: int = 5,
-                    warmup: int = 2, amp: bool = False, device: str = "cpu") -> list[float]:
+def iteration_times(
+    size: int = 224,
+    labeled_batch: int = 1,
+    unlabeled_batch: int = 4,
+    runs: int = 5,
+    warmup: int = 2,
+    amp: bool = False,
+    device: str = "cpu",
+) -> list[float]:
     """Seconds of each timed training iteration (after ``warmup`` untimed ones); the GPU is synchronised."""
     return measure_iterations(size, labeled_batch, unlabeled_batch, runs, warmup, amp, device)["seconds"]
 
@@ -135,8 +165,12 @@ def iteration_child(keep_freed_memory: bool | None = None, threads: int | None =
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result = measure_iterations(**kwargs)
-    result.update(peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, malloc_kept=malloc,
-                  code=str(Path(scripts.__file__).resolve().parents[1]), threads=torch.get_num_threads())
+    result.update(
+        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        malloc_kept=malloc,
+        code=str(Path(scripts.__file__).resolve().parents[1]),
+        threads=torch.get_num_threads(),
+    )
     if device.type == "cuda":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
     return result
@@ -154,32 +188,42 @@ print("RESULT " + json.dumps(module.iteration_child(**json.loads(sys.argv[2]))),
 
 def run_iteration_child(code_root: str | Path, **kwargs) -> dict:
     """:func:`iteration_child` in a fresh Python process whose ``scripts`` package is the one in ``code_root``."""
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(Path(__file__).resolve()), json.dumps(kwargs)],
-                          cwd=code_root, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(Path(__file__).resolve()), json.dumps(kwargs)],
+        cwd=code_root,
+        capture_output=True,
+        text=True,
+    )
     results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not results:
-        raise RuntimeError(f"the iteration benchmark failed in {code_root} (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
-    return json.loads(results[-1][len("RESULT "):])
+        raise RuntimeError(
+            f"the iteration benchmark failed in {code_root} (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    return json.loads(results[-1][len("RESULT ") :])
 
 
 def extract_revision(revision: str, into: Path) -> str:
     """Write the files of git ``revision`` of this repository into ``into`` (``git archive``: no worktree, branch or
     index is touched); returns the commit's short hash."""
-    found = subprocess.run(["git", "-C", str(BUNDLE_ROOT), "rev-parse", "--short", "--verify",
-                            f"{revision}^{{commit}}"], capture_output=True, text=True)
+    found = subprocess.run(
+        ["git", "-C", str(BUNDLE_ROOT), "rev-parse", "--short", "--verify", f"{revision}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
     if found.returncode:
         raise ValueError(f"--against {revision!r} is not a commit of the repository at {BUNDLE_ROOT}")
     commit = found.stdout.strip()
-    archive = subprocess.run(["git", "-C", str(BUNDLE_ROOT), "archive", "--format=tar", commit], capture_output=True,
-                             check=True)
+    archive = subprocess.run(
+        ["git", "-C", str(BUNDLE_ROOT), "archive", "--format=tar", commit], capture_output=True, check=True
+    )
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(into, filter="data")
     return commit
 
 
-def side_by_side(code: dict[str, tuple[Path, bool | None]], pairs: int,
-                 report: Callable[[str, dict], object] | None = None, **kwargs) -> dict[str, list[dict]]:
+def side_by_side(
+    code: dict[str, tuple[Path, bool | None]], pairs: int, report: Callable[[str, dict], object] | None = None, **kwargs
+) -> dict[str, list[dict]]:
     """Each ``label: (code_root, keep_freed_memory)`` measured ``pairs`` times, alternating A B A B ... in fresh
     processes, so that a change in the machine's load falls on both sides alike; ``report(label, result)`` is called
     after each process."""
@@ -202,13 +246,16 @@ def _iteration_line(label: str, results: Sequence[dict]) -> str:
     memory = f"peak RSS {max(r['peak_rss_gb'] for r in results):.1f} GB"
     if "peak_gpu_gb" in results[0]:
         memory += f", peak GPU {max(r['peak_gpu_gb'] for r in results):.2f} GB"
-    return (f"{label}: median {m['seconds']:.3f} s/iter (n={n}); CPU {m['user_s'] + m['system_s']:.2f} s of which "
-            f"system {m['system_s']:.2f} s; {m['minor_faults'] / 1e3:.0f} k minor page faults; {memory}; "
-            f"malloc kept: {'/'.join(sorted({str(r['malloc_kept']) for r in results}))}")
+    return (
+        f"{label}: median {m['seconds']:.3f} s/iter (n={n}); CPU {m['user_s'] + m['system_s']:.2f} s of which "
+        f"system {m['system_s']:.2f} s; {m['minor_faults'] / 1e3:.0f} k minor page faults; {memory}; "
+        f"malloc kept: {'/'.join(sorted({str(r['malloc_kept']) for r in results}))}"
+    )
 
 
-def inference_times(run: Callable[[], object], runs: int = 20, warmup: int = 3,
-                    device: torch.device | None = None) -> list[float]:
+def inference_times(
+    run: Callable[[], object], runs: int = 20, warmup: int = 3, device: torch.device | None = None
+) -> list[float]:
     """Seconds of each call of ``run`` (after ``warmup`` untimed calls)."""
     times = []
     for i in range(warmup + runs):
@@ -225,9 +272,17 @@ def median_ms(times: Sequence[float]) -> float:
     return 1000.0 * statistics.median(times)
 
 
-def pipeline_report(work: Path, n_images: int, runs: int, input_dir: str | None, model: str | None,
-                    batch_size: int | None = None, num_workers: int | None = None,
-                    writer_threads: int | None = None, stage_images: int = 20) -> dict:
+def pipeline_report(
+    work: Path,
+    n_images: int,
+    runs: int,
+    input_dir: str | None,
+    model: str | None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    writer_threads: int | None = None,
+    stage_images: int = 20,
+) -> dict:
     """Throughput of ``configs/inference.json`` on ``n_images`` images against the bare UNeXt forward at its batch
     size, and what each stage of an image costs when timed alone.
 
@@ -262,11 +317,19 @@ def pipeline_report(work: Path, n_images: int, runs: int, input_dir: str | None,
 
     throughput = {}
     for setting, overlays, out in (("masks_measurements", False, "out_no_overlays"), ("with_overlays", True, "out")):
-        workflow = ConfigWorkflow(config_file=str(BUNDLE_ROOT / "configs" / "inference.json"), workflow_type="infer",
-                                  meta_file=str(BUNDLE_ROOT / "configs" / "metadata.json"),
-                                  bundle_root=str(BUNDLE_ROOT), ckpt_dir=str(ckpt_dir), output_dir=str(work / out),
-                                  datalist=files, device=torch.device("cpu"), progress=False,
-                                  save_overlays=overlays, **overrides)
+        workflow = ConfigWorkflow(
+            config_file=str(BUNDLE_ROOT / "configs" / "inference.json"),
+            workflow_type="infer",
+            meta_file=str(BUNDLE_ROOT / "configs" / "metadata.json"),
+            bundle_root=str(BUNDLE_ROOT),
+            ckpt_dir=str(ckpt_dir),
+            output_dir=str(work / out),
+            datalist=files,
+            device=torch.device("cpu"),
+            progress=False,
+            save_overlays=overlays,
+            **overrides,
+        )
         workflow.initialize()
         totals = []
         for _ in range(runs):
@@ -306,8 +369,9 @@ def pipeline_report(work: Path, n_images: int, runs: int, input_dir: str | None,
         return data
 
     for item in files[:stage_images]:
-        data = timed("decode the file (LoadImaged, EnsureChannelFirstd)",
-                     lambda: chain(preprocessing.transforms[:2], dict(item)))
+        data = timed(
+            "decode the file (LoadImaged, EnsureChannelFirstd)", lambda: chain(preprocessing.transforms[:2], dict(item))
+        )
         data = timed("rest of the preprocessing (scale, resize)", lambda: chain(preprocessing.transforms[2:], data))
         with torch.no_grad():
             logits = net(data["image"].as_tensor()[None])[0]
@@ -315,25 +379,46 @@ def pipeline_report(work: Path, n_images: int, runs: int, input_dir: str | None,
         data = timed("postprocess to the mask (softmax, Invertd, argmax, clean)", lambda: chain(to_mask, data))
         timed("write the mask PNG (SaveImaged)", lambda: chain(save_mask, dict(data)))
         name = Path(item["image"]).name
-        _, fit = timed("measure (ellipse fit, quality flags, sector)",
-                       lambda: measurer.measure(data["pred"], item.get("pixel_size_mm"), name, data["original"]))
+        _, fit = timed(
+            "measure (ellipse fit, quality flags, sector)",
+            lambda: measurer.measure(data["pred"], item.get("pixel_size_mm"), name, data["original"]),
+        )
         measurement = {"fit": fit, "pixel_size": (1.0, 1.0)}
-        timed("overlay PNG (draw at display size, write)",
-              lambda: drawer.write(data["original"], data["pred"], Path(name).stem, measurement))
+        timed(
+            "overlay PNG (draw at display size, write)",
+            lambda: drawer.write(data["original"], data["pred"], Path(name).stem, measurement),
+        )
     items = [(stage, statistics.fmean(values)) for stage, values in stages.items()]
     items.insert(2, (f"forward (batch {batch}, per image)", 1000.0 * per_batch / batch))
     image_size = tuple(int(s) for s in data["original"].shape[1:])
-    return {"n_images": len(files), "image_size": image_size, "spatial_size": size, "model": described, **settings,
-            "images_per_s": throughput, "stages_ms": dict(items)}
+    return {
+        "n_images": len(files),
+        "image_size": image_size,
+        "spatial_size": size,
+        "model": described,
+        **settings,
+        "images_per_s": throughput,
+        "stages_ms": dict(items),
+    }
 
 
 class Benchmarks:
     """``python -m scripts.benchmark iteration``, ``latency`` and ``pipeline``."""
 
-    def iteration(self, sizes: Sequence[int] = (224, 448), runs: int = 5, warmup: int = 2, labeled_batch: int = 1,
-                  unlabeled_batch: int = 4, amp: Sequence[bool] = (False, True), device: str = "cpu",
-                  threads: int | None = None, against: str | None = None, pairs: int = 3,
-                  keep_freed_memory: bool | None = None) -> None:
+    def iteration(
+        self,
+        sizes: Sequence[int] = (224, 448),
+        runs: int = 5,
+        warmup: int = 2,
+        labeled_batch: int = 1,
+        unlabeled_batch: int = 4,
+        amp: Sequence[bool] = (False, True),
+        device: str = "cpu",
+        threads: int | None = None,
+        against: str | None = None,
+        pairs: int = 3,
+        keep_freed_memory: bool | None = None,
+    ) -> None:
         """Median s/iter of the full method per input size and precision, with CPU and kernel time, minor page
         faults and peak memory; ``--against REV`` sets this checkout beside git revision REV (A B A B ...,
         ``pairs`` processes each) and reports the median of the pairs' time ratios. ``--threads`` sets torch's
@@ -342,11 +427,16 @@ class Benchmarks:
         if torch.device(device).type == "cuda":
             where = torch.cuda.get_device_name(0)
         else:
-            where = (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
-                     f"{'yes' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'no'}, "
-                     f"{threads or torch.get_num_threads()} threads")
-        print(f"torch {torch.__version__}, {device} ({where}), batch {labeled_batch} + {unlabeled_batch}, "
-              f"median of {runs} after {warmup} warm-up, every process fresh", flush=True)
+            where = (
+                f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
+                f"{'yes' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'no'}, "
+                f"{threads or torch.get_num_threads()} threads"
+            )
+        print(
+            f"torch {torch.__version__}, {device} ({where}), batch {labeled_batch} + {unlabeled_batch}, "
+            f"median of {runs} after {warmup} warm-up, every process fresh",
+            flush=True,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             code = {"this checkout": (BUNDLE_ROOT, keep_freed_memory)}
             if against is not None:
@@ -356,27 +446,44 @@ class Benchmarks:
             for size in sizes:
                 for use_amp in amp:
                     precision = "bf16 autocast" if use_amp else "fp32"
-                    kwargs = dict(size=size, labeled_batch=labeled_batch, unlabeled_batch=unlabeled_batch, runs=runs,
-                                  warmup=warmup, amp=use_amp, device=device, threads=threads)
+                    kwargs = dict(
+                        size=size,
+                        labeled_batch=labeled_batch,
+                        unlabeled_batch=unlabeled_batch,
+                        runs=runs,
+                        warmup=warmup,
+                        amp=use_amp,
+                        device=device,
+                        threads=threads,
+                    )
+
                     def progress(label: str, result: dict) -> None:
                         times = ", ".join(f"{t:.2f}" for t in result["seconds"])
                         print(f"  {size} px {precision}, {label}: {times} s", flush=True)
 
-                    results = side_by_side(code, pairs if against is not None else 1,
-                                           progress if against is not None else None, **kwargs)
+                    results = side_by_side(
+                        code, pairs if against is not None else 1, progress if against is not None else None, **kwargs
+                    )
                     for label, res in results.items():
                         print(f"{size:4d} px {precision:13s} {_iteration_line(label, res)}", flush=True)
                     if against is not None:
                         mine, theirs = results.values()
-                        ratios = [statistics.median(a["seconds"]) / statistics.median(b["seconds"])
-                                  for a, b in zip(mine, theirs)]
-                        cpu = [statistics.median(u + s for u, s in zip(a["user_s"], a["system_s"]))
-                               / statistics.median(u + s for u, s in zip(b["user_s"], b["system_s"]))
-                               for a, b in zip(mine, theirs)]
+                        ratios = [
+                            statistics.median(a["seconds"]) / statistics.median(b["seconds"])
+                            for a, b in zip(mine, theirs)
+                        ]
+                        cpu = [
+                            statistics.median(u + s for u, s in zip(a["user_s"], a["system_s"]))
+                            / statistics.median(u + s for u, s in zip(b["user_s"], b["system_s"]))
+                            for a, b in zip(mine, theirs)
+                        ]
                         r = statistics.median(ratios)
-                        print(f"{size:4d} px {precision:13s} this checkout / {commit}: median time ratio {r:.3f} "
-                              f"({1 / r:.2f}x; pairs {', '.join(f'{x:.3f}' for x in ratios)}), CPU-time ratio "
-                              f"{statistics.median(cpu):.3f}", flush=True)
+                        print(
+                            f"{size:4d} px {precision:13s} this checkout / {commit}: median time ratio {r:.3f} "
+                            f"({1 / r:.2f}x; pairs {', '.join(f'{x:.3f}' for x in ratios)}), CPU-time ratio "
+                            f"{statistics.median(cpu):.3f}",
+                            flush=True,
+                        )
 
     def latency(self, sizes: Sequence[int] = (224, 448), runs: int = 20, threads: int = 2, swin: bool = True) -> None:
         """Median batch-1 UNeXt inference in eager PyTorch, TorchScript (traced, frozen) and ONNX Runtime on CPU."""
@@ -391,34 +498,57 @@ class Benchmarks:
                 scripted = torch.jit.freeze(torch.jit.trace(net, x))
                 sess = onnx_session(export_onnx(net, x, Path(tmp) / f"unext{size}.onnx"), threads)
                 feed = {"image": x.numpy()}
-                rows = [("UNeXt eager", lambda: net(x)), ("UNeXt TorchScript", lambda: scripted(x)),
-                        ("UNeXt ONNX Runtime", lambda: sess.run(None, feed))]
+                rows = [
+                    ("UNeXt eager", lambda: net(x)),
+                    ("UNeXt TorchScript", lambda: scripted(x)),
+                    ("UNeXt ONNX Runtime", lambda: sess.run(None, feed)),
+                ]
                 if swin:
                     big = SwinUnet(img_size=size).eval()
                     rows.append(("Swin-Unet eager", lambda: big(x)))
                 for name, run in rows:
-                    print(f"{name:19s} {size:4d} px  median {median_ms(inference_times(run, runs)):7.1f} ms", flush=True)
+                    print(
+                        f"{name:19s} {size:4d} px  median {median_ms(inference_times(run, runs)):7.1f} ms", flush=True
+                    )
 
-    def pipeline(self, n_images: int = 100, threads: int = 2, runs: int = 3, input_dir: str | None = None,
-                 model: str | None = None, work_dir: str | None = None, batch_size: int | None = None,
-                 num_workers: int | None = None, writer_threads: int | None = None) -> None:
+    def pipeline(
+        self,
+        n_images: int = 100,
+        threads: int = 2,
+        runs: int = 3,
+        input_dir: str | None = None,
+        model: str | None = None,
+        work_dir: str | None = None,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
+        writer_threads: int | None = None,
+    ) -> None:
         """``configs/inference.json`` on ``n_images`` phantom images (or ``input_dir``), with and without overlays,
         against the bare UNeXt forward at the same batch size; then each stage's cost per image, timed alone."""
         torch.set_num_threads(threads)
         with tempfile.TemporaryDirectory() as tmp:
-            report = pipeline_report(Path(work_dir or tmp), n_images, runs, input_dir, model, batch_size, num_workers,
-                                     writer_threads)
+            report = pipeline_report(
+                Path(work_dir or tmp), n_images, runs, input_dir, model, batch_size, num_workers, writer_threads
+            )
         rates = report["images_per_s"]
-        print(f"torch {torch.__version__}, {threads} threads; {report['n_images']} images of {report['image_size']} "
-              f"(W x H); model: {report['model']}; batch {report['batch_size']}, {report['num_workers']} DataLoader "
-              f"workers, {report['writer_threads']} writer threads; median of {runs} runs")
-        print(f"bare UNeXt forward (batch {report['batch_size']}, {report['spatial_size']} px): "
-              f"{rates['bare_forward']:.1f} images/s")
+        print(
+            f"torch {torch.__version__}, {threads} threads; {report['n_images']} images of {report['image_size']} "
+            f"(W x H); model: {report['model']}; batch {report['batch_size']}, {report['num_workers']} DataLoader "
+            f"workers, {report['writer_threads']} writer threads; median of {runs} runs"
+        )
+        print(
+            f"bare UNeXt forward (batch {report['batch_size']}, {report['spatial_size']} px): "
+            f"{rates['bare_forward']:.1f} images/s"
+        )
         for setting, label in (("masks_measurements", "masks + measurements"), ("with_overlays", "+ overlays")):
-            print(f"inference.json, {label:20s}: {rates[setting]:6.1f} images/s = "
-                  f"{rates[setting] / rates['bare_forward']:.2f} x the bare forward")
-        print(f"each stage's cost per image, timed alone one after the other ({sum(report['stages_ms'].values()):.1f} "
-              "ms in all; the pipeline overlaps them):")
+            print(
+                f"inference.json, {label:20s}: {rates[setting]:6.1f} images/s = "
+                f"{rates[setting] / rates['bare_forward']:.2f} x the bare forward"
+            )
+        print(
+            f"each stage's cost per image, timed alone one after the other ({sum(report['stages_ms'].values()):.1f} "
+            "ms in all; the pipeline overlaps them):"
+        )
         for stage, ms in report["stages_ms"].items():
             print(f"  {stage:58s} {ms:7.1f} ms")
 
@@ -427,5 +557,8 @@ if __name__ == "__main__":
     from scripts.cli import main
 
     bench = Benchmarks()
-    main({"iteration": bench.iteration, "latency": bench.latency, "pipeline": bench.pipeline}, __doc__,
-         prog="python -m scripts.benchmark")
+    main(
+        {"iteration": bench.iteration, "latency": bench.latency, "pipeline": bench.pipeline},
+        __doc__,
+        prog="python -m scripts.benchmark",
+    )

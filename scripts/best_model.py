@@ -69,7 +69,9 @@ class BestModelPublisher:
             self.best_metric, self.best_iteration = metric, self.trainer.state.iteration
             if idist.get_rank() == 0:  # distributed: the metric is gathered, every rank agrees; one writes
                 atomic_torch_save(self.network.state_dict(), self.best_path)
-            logger.info(f"new best {self.evaluator.state.key_metric_name} {metric:.4f} at iteration {self.best_iteration}")
+            logger.info(
+                f"new best {self.evaluator.state.key_metric_name} {metric:.4f} at iteration {self.best_iteration}"
+            )
 
     def _existing_score(self) -> float | None:
         """Validation score of the model already at ``model_path`` (None if absent or of another architecture)."""
@@ -79,7 +81,9 @@ class BestModelPublisher:
         try:
             self.network.load_state_dict(torch.load(self.model_path, map_location="cpu", weights_only=True))
         except (RuntimeError, KeyError, ValueError) as e:
-            logger.warning(f"{self.model_path} does not fit this network ({str(e).splitlines()[0]}); it will be replaced")
+            logger.warning(
+                f"{self.model_path} does not fit this network ({str(e).splitlines()[0]}); it will be replaced"
+            )
             self.network.load_state_dict(current)
             return None
         self._comparing = True
@@ -92,7 +96,9 @@ class BestModelPublisher:
 
     def _on_completed(self, _: Engine) -> None:
         if self.best_iteration < 0:
-            logger.warning(f"no validation ran after iteration {self.start_iteration}: {self.model_path} left as it was")
+            logger.warning(
+                f"no validation ran after iteration {self.start_iteration}: {self.model_path} left as it was"
+            )
             return
         name = self.evaluator.state.key_metric_name
         existing = self._existing_score()

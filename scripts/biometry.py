@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
-from skimage.measure import EllipseModel, find_contours, ransac
 from scipy.spatial import ConvexHull, QhullError
+from skimage.measure import EllipseModel, find_contours, ransac
 
 __all__ = [
     "FLAGS",
@@ -43,8 +43,18 @@ __all__ = [
 ]
 
 HC18_SUBMISSION_COLUMNS = ("filename", "center_x_mm", "center_y_mm", "semi_axes_a_mm", "semi_axes_b_mm", "angle_rad")
-MEASUREMENT_COLUMNS = ("center_x_mm", "center_y_mm", "semi_axes_a_mm", "semi_axes_b_mm", "angle_rad",
-                       "circumference_mm", "area_mm2", "fit_residual_mm", "boundary_fraction_kept", "flags")
+MEASUREMENT_COLUMNS = (
+    "center_x_mm",
+    "center_y_mm",
+    "semi_axes_a_mm",
+    "semi_axes_b_mm",
+    "angle_rad",
+    "circumference_mm",
+    "area_mm2",
+    "fit_residual_mm",
+    "boundary_fraction_kept",
+    "flags",
+)
 
 # Plausible circumference of each structure in mm; a measurement outside is flagged, never changed.
 # head: the range of the reference HCs in HC18's training_set_pixel_size_and_HC.csv (999 images, about 10 to 40
@@ -192,10 +202,17 @@ def _inlier_distance(region: np.ndarray, pixel_size: tuple[float, float], inlier
     return max(inlier_distance_px * pixel, INLIER_DISTANCE_FRACTION * radius)
 
 
-def fit_ellipse(mask: Any, pixel_size: Sequence[float] | None = (1.0, 1.0), min_pixels: int = 20, *,
-                structure: str | None = "head", field_of_view: np.ndarray | None = None, method: str = "ransac",
-                inlier_distance_px: float = INLIER_DISTANCE_PX,
-                circumference_range_mm: tuple[float, float] | None = None) -> dict | None:
+def fit_ellipse(
+    mask: Any,
+    pixel_size: Sequence[float] | None = (1.0, 1.0),
+    min_pixels: int = 20,
+    *,
+    structure: str | None = "head",
+    field_of_view: np.ndarray | None = None,
+    method: str = "ransac",
+    inlier_distance_px: float = INLIER_DISTANCE_PX,
+    circumference_range_mm: tuple[float, float] | None = None,
+) -> dict | None:
     """The ellipse fitted to the largest foreground region of ``mask[x, y]`` (any non-zero value is foreground).
 
     Returns ``{center_x_mm, center_y_mm, semi_axes_a_mm, semi_axes_b_mm, angle_rad, circumference_mm, area_mm2,
@@ -231,9 +248,16 @@ def fit_ellipse(mask: Any, pixel_size: Sequence[float] | None = (1.0, 1.0), min_
         # the consensus is searched on at most RANSAC_POINTS evenly spaced boundary points (neighbouring contour
         # points are ~0.5 px apart and say the same); the inliers and the final fit use every point
         sample = points[:: max(1, math.ceil(len(points) / RANSAC_POINTS))]
-        robust, inliers = ransac(sample, _EllipseModel, min_samples=5, residual_threshold=threshold,
-                                 is_model_valid=_valid_ellipse, max_trials=RANSAC_TRIALS, stop_probability=0.999,
-                                 rng=RANSAC_SEED)
+        robust, inliers = ransac(
+            sample,
+            _EllipseModel,
+            min_samples=5,
+            residual_threshold=threshold,
+            is_model_valid=_valid_ellipse,
+            max_trials=RANSAC_TRIALS,
+            stop_probability=0.999,
+            rng=RANSAC_SEED,
+        )
         if robust is not None and _valid_ellipse(robust) and inliers is not None and inliers.sum() >= 5:
             # refit on every boundary point the consensus ellipse keeps
             again = np.asarray(robust.residuals(points)) < threshold
@@ -261,8 +285,14 @@ def fit_ellipse(mask: Any, pixel_size: Sequence[float] | None = (1.0, 1.0), min_
         "boundary_fraction_kept": float(kept.mean()),
     }
     in_mm = pixel_size is not None
-    flags = quality_flags(fit, foreground, (sx, sy), structure=structure if in_mm else None,
-                          field_of_view=field_of_view, circumference_range_mm=circumference_range_mm)
+    flags = quality_flags(
+        fit,
+        foreground,
+        (sx, sy),
+        structure=structure if in_mm else None,
+        field_of_view=field_of_view,
+        circumference_range_mm=circumference_range_mm,
+    )
     fit["flags"] = ";".join(flags)
     return fit
 
@@ -283,8 +313,7 @@ def field_of_view(image: Any, closing_px: int = 5) -> np.ndarray:
         image = image.max(axis=0)
     if image.ndim != 2:
         raise ValueError(f"field_of_view takes a 2D image (or C x X x Y), got shape {image.shape}")
-    signal = ndimage.binary_closing(image > 0, structure=np.ones((3, 3), bool), iterations=closing_px,
-                                    border_value=0)
+    signal = ndimage.binary_closing(image > 0, structure=np.ones((3, 3), bool), iterations=closing_px, border_value=0)
     labels, sizes = _components(signal)
     if not len(sizes):
         return np.ones(image.shape, bool)
@@ -309,14 +338,20 @@ def _convex_hull(region: np.ndarray) -> np.ndarray:
     return np.asarray(canvas, dtype=bool) | region
 
 
-def quality_flags(fit: dict | None, mask: Any, pixel_size: Sequence[float] | None = (1.0, 1.0), *,
-                  structure: str | None = "head", field_of_view: np.ndarray | None = None,
-                  circumference_range_mm: tuple[float, float] | None = None,
-                  max_fit_residual_px: float = MAX_FIT_RESIDUAL_PX,
-                  max_fit_residual_fraction: float = MAX_FIT_RESIDUAL_FRACTION,
-                  min_fraction_kept: float = MIN_FRACTION_KEPT,
-                  min_component_fraction: float = MIN_COMPONENT_FRACTION,
-                  border_margin_px: int = BORDER_MARGIN_PX) -> list[str]:
+def quality_flags(
+    fit: dict | None,
+    mask: Any,
+    pixel_size: Sequence[float] | None = (1.0, 1.0),
+    *,
+    structure: str | None = "head",
+    field_of_view: np.ndarray | None = None,
+    circumference_range_mm: tuple[float, float] | None = None,
+    max_fit_residual_px: float = MAX_FIT_RESIDUAL_PX,
+    max_fit_residual_fraction: float = MAX_FIT_RESIDUAL_FRACTION,
+    min_fraction_kept: float = MIN_FRACTION_KEPT,
+    min_component_fraction: float = MIN_COMPONENT_FRACTION,
+    border_margin_px: int = BORDER_MARGIN_PX,
+) -> list[str]:
     """The :data:`FLAGS` raised by a measurement ``fit`` (from :func:`fit_ellipse`) of ``mask[x, y]``, in
     :data:`FLAGS` order:
 
@@ -335,8 +370,10 @@ def quality_flags(fit: dict | None, mask: Any, pixel_size: Sequence[float] | Non
     if fit:
         bounds = circumference_range_mm or (PHYSIOLOGICAL_RANGE_MM.get(structure) if structure else None)
         if structure and bounds is None:
-            raise ValueError(f"no physiological range for structure {structure!r}; known: "
-                             f"{sorted(PHYSIOLOGICAL_RANGE_MM)} (or give circumference_range_mm)")
+            raise ValueError(
+                f"no physiological range for structure {structure!r}; known: "
+                f"{sorted(PHYSIOLOGICAL_RANGE_MM)} (or give circumference_range_mm)"
+            )
         if bounds is not None and not bounds[0] <= fit["circumference_mm"] <= bounds[1]:
             raised.add("circumference_out_of_range")
         radius = math.sqrt(max(float(fit.get("area_mm2") or 0.0), 0.0) / math.pi)

@@ -24,8 +24,14 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import Randomizable, Transform
 
-__all__ = ["RandomGeneratorState", "ResumeCheckpointSaver", "checkpoint_damage", "checkpoint_epoch",
-           "set_transform_random_states", "transform_random_states"]
+__all__ = [
+    "RandomGeneratorState",
+    "ResumeCheckpointSaver",
+    "checkpoint_damage",
+    "checkpoint_epoch",
+    "set_transform_random_states",
+    "transform_random_states",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +41,19 @@ _EPOCH = re.compile(r"_epoch=(\d+)\.pt$")
 def _numpy_state(generator: np.random.RandomState) -> dict:
     """A legacy numpy generator's state as tensors and numbers (what ``torch.load(weights_only=True)`` reads)."""
     name, key, pos, has_gauss, gauss = generator.get_state(legacy=True)
-    return {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return {
+        "name": name,
+        "key": torch.from_numpy(key.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
 
 
 def _set_numpy_state(generator: np.random.RandomState, state: Mapping) -> None:
-    generator.set_state((state["name"], state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
-                         state["gauss"]))
+    generator.set_state(
+        (state["name"], state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"])
+    )
 
 
 class RandomGeneratorState:
@@ -54,8 +66,11 @@ class RandomGeneratorState:
 
     def state_dict(self) -> dict:
         version, internal, gauss = random.getstate()
-        state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(np.random.mtrand._rand),
-                 "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}}
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_state(np.random.mtrand._rand),
+            "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -94,8 +109,10 @@ def set_transform_random_states(dataset: Any, states: list[dict]) -> None:
     transform = getattr(dataset, "transform", None)
     found = list(_randomizables(transform, set())) if transform is not None else []
     if len(found) != len(states):
-        raise ValueError(f"the checkpoint holds {len(states)} random transform states for a dataset with {len(found)} "
-                         "random transforms: resume with the configuration the checkpoint was trained with")
+        raise ValueError(
+            f"the checkpoint holds {len(states)} random transform states for a dataset with {len(found)} "
+            "random transforms: resume with the configuration the checkpoint was trained with"
+        )
     for t, state in zip(found, states):
         _set_numpy_state(t.R, state)
 
@@ -129,8 +146,14 @@ class ResumeCheckpointSaver:
     DistributedDataParallel are saved as their module, as ignite's Checkpoint does.
     """
 
-    def __init__(self, save_dir: str, save_dict: Mapping[str, Any], file_prefix: str = "resume",
-                 save_interval: int = 1, n_saved: int = 2) -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: Mapping[str, Any],
+        file_prefix: str = "resume",
+        save_interval: int = 1,
+        n_saved: int = 2,
+    ) -> None:
         if n_saved < 1 or save_interval < 1:
             raise ValueError(f"n_saved ({n_saved}) and save_interval ({save_interval}) must be at least 1")
         self.save_dir = Path(save_dir)

@@ -76,14 +76,20 @@ def _closest(name: str, valid: Sequence[str]) -> list[str]:
 
 def _unknown(name: str, valid: Sequence[str], what: str) -> str:
     close = _closest(name, valid)
-    hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else \
-        f"valid: {', '.join('--' + v for v in valid)}"
+    hint = (
+        f"did you mean {' or '.join('--' + c for c in close)}?"
+        if close
+        else f"valid: {', '.join('--' + v for v in valid)}"
+    )
     return f"unknown option --{name} for {what}: {hint}"
 
 
 def _parameters(fn: Callable) -> list[inspect.Parameter]:
-    return [p for p in inspect.signature(fn).parameters.values()
-            if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    return [
+        p
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
 
 
 def check_arguments(fn: Callable, args: Sequence[str], what: str) -> None:
@@ -154,7 +160,7 @@ def help_text(commands: Mapping[str | None, Callable], prog: str, doc: str = "",
         lines += [_doc(fn), ""]
     if params:
         width = max(len(p.name) for p in params) + 2
-        lines.append("options (values are Python literals, e.g. --name \"[1, 2]\"; booleans also --name / --noname):")
+        lines.append('options (values are Python literals, e.g. --name "[1, 2]"; booleans also --name / --noname):')
         lines += [f"  --{p.name:<{width}}{_default(p)}" for p in params]
     return "\n".join(lines) + "\n"
 
@@ -164,9 +170,14 @@ def _fail(message: str) -> None:
     raise SystemExit(EXIT_USAGE)
 
 
-def main(commands: Callable | Mapping[str, Callable], doc: str = "", prog: str | None = None,
-         argv: Sequence[str] | None = None, errors: tuple[type[BaseException], ...] = USER_ERRORS,
-         **fire_kwargs: Any) -> Any:
+def main(
+    commands: Callable | Mapping[str, Callable],
+    doc: str = "",
+    prog: str | None = None,
+    argv: Sequence[str] | None = None,
+    errors: tuple[type[BaseException], ...] = USER_ERRORS,
+    **fire_kwargs: Any,
+) -> Any:
     """Run one command (a function, or a dict of named functions) from ``argv`` (default ``sys.argv[1:]``).
 
     ``--help``/``-h`` prints :func:`help_text` and exits 0; a command line :func:`check_arguments` refuses, or an
@@ -186,8 +197,10 @@ def main(commands: Callable | Mapping[str, Callable], doc: str = "", prog: str |
         name = args.pop(0)
         if name not in table:
             close = _closest(name, [str(n) for n in table])
-            _fail(f"unknown command {name!r} for {prog}: "
-                  + (f"did you mean {' or '.join(close)}?" if close else f"valid: {', '.join(map(str, table))}"))
+            _fail(
+                f"unknown command {name!r} for {prog}: "
+                + (f"did you mean {' or '.join(close)}?" if close else f"valid: {', '.join(map(str, table))}")
+            )
     fn = table[name]
     before_separator = args[: args.index("--")] if "--" in args else args
     if any(a in HELP_FLAGS for a in before_separator):
@@ -205,6 +218,7 @@ def main(commands: Callable | Mapping[str, Callable], doc: str = "", prog: str |
 
 
 # ---- python -m monai.bundle run ---------------------------------------------------------------------------------
+
 
 def _is_bundle_run(argv: Sequence[str]) -> bool:
     return len(argv) > 1 and Path(argv[0]).parts[-3:] == ("monai", "bundle", "__main__.py") and argv[1] == "run"
@@ -274,9 +288,14 @@ def unknown_bundle_options(config: dict, keys: Sequence[str], what: str = "this 
 
 
 def _options_text(config: dict, files: Sequence[str]) -> str:
-    lines = [f"usage: python -m monai.bundle run --config_file {files!r} [--KEY VALUE ...]", "",
-             "Every key below, and any nested one (--network_def#drop_rate 0.1), can be set on the command line;",
-             "values are Python literals or config expressions.", "", "options and their defaults:"]
+    lines = [
+        f"usage: python -m monai.bundle run --config_file {files!r} [--KEY VALUE ...]",
+        "",
+        "Every key below, and any nested one (--network_def#drop_rate 0.1), can be set on the command line;",
+        "values are Python literals or config expressions.",
+        "",
+        "options and their defaults:",
+    ]
     for key, value in config.items():
         if key in WORKFLOW_IDS or key.startswith("_") or isinstance(value, dict):
             continue
@@ -284,8 +303,11 @@ def _options_text(config: dict, files: Sequence[str]) -> str:
             continue
         text = repr(value)
         lines.append(f"  --{key:<28} {text if len(text) <= 80 else text[:77] + '...'}")
-    lines += ["", "monai.bundle's own: --meta_file, --logging_file, --args_file, --tracking mlflow "
-              "(with --tracking_uri, --experiment_name, --run_name)"]
+    lines += [
+        "",
+        "monai.bundle's own: --meta_file, --logging_file, --args_file, --tracking mlflow "
+        "(with --tracking_uri, --experiment_name, --run_name)",
+    ]
     return "\n".join(lines) + "\n"
 
 

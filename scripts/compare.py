@@ -39,9 +39,19 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("dice", "hd95_mm", "asd_mm", "hd95_px", "asd_px", "hd95_medpy_grid_px", "asd_medpy_grid_px")
 FULLY_SUPERVISED = "fully_supervised"
 # every configs/methods/*.json, in the order the table lists them: baselines, then the method's ablations, then it
-METHODS = ("supervised", "supervised_same_batch", "fully_supervised", "mean_teacher", "ict_unext", "cps_two_unext",
-           "cross_teaching", "no_cps",
-           "no_ict", "no_divergence", "full")
+METHODS = (
+    "supervised",
+    "supervised_same_batch",
+    "fully_supervised",
+    "mean_teacher",
+    "ict_unext",
+    "cps_two_unext",
+    "cross_teaching",
+    "no_cps",
+    "no_ict",
+    "no_divergence",
+    "full",
+)
 
 
 def label_tag(labels: float | str) -> str:
@@ -98,34 +108,69 @@ def prepare_splits(output_dir: Path, keys: Sequence[tuple[float, int]], dataset_
     phantom = {k: overrides[k] for k in ("phantom_subjects", "phantom_image_size") if k in overrides}
     split = {k: overrides[k] for k in ("max_train_images",) if k in overrides}
     for fraction, seed in keys:
-        prepare_dataset(dataset_dir, prepared_dir(output_dir, fraction, seed), seed=seed, **label_overrides(fraction),
-                        generate_phantom_if_empty=bool(overrides.get("generate_phantom_if_empty", False)), **phantom,
-                        **split)
+        prepare_dataset(
+            dataset_dir,
+            prepared_dir(output_dir, fraction, seed),
+            seed=seed,
+            **label_overrides(fraction),
+            generate_phantom_if_empty=bool(overrides.get("generate_phantom_if_empty", False)),
+            **phantom,
+            **split,
+        )
 
 
-def train_and_evaluate(run_dir: Path, method: str, fraction: float, seed: int, dataset_dir: str,
-                       overrides: dict, threads: int | None = None, recipe: str | None = None) -> dict:
+def train_and_evaluate(
+    run_dir: Path,
+    method: str,
+    fraction: float,
+    seed: int,
+    dataset_dir: str,
+    overrides: dict,
+    threads: int | None = None,
+    recipe: str | None = None,
+) -> dict:
     """Train one method, evaluate it on the test list; returns the evaluation's mean metrics and its wall time.
 
     ``recipe``: a config merged between train.json and the method's file (e.g. ``configs/paper_recipe.json``).
     """
     configs = BUNDLE_ROOT / "configs"
-    common = {"bundle_root": str(run_dir), "dataset_dir": dataset_dir, "seed": seed,
-              "prepared_dir": str(prepared_dir(run_dir.parent, fraction, seed)), **overrides}
+    common = {
+        "bundle_root": str(run_dir),
+        "dataset_dir": dataset_dir,
+        "seed": seed,
+        "prepared_dir": str(prepared_dir(run_dir.parent, fraction, seed)),
+        **overrides,
+    }
     common.update(label_overrides(fraction))
-    train = [configs / "train.json", *([Path(recipe).resolve()] if recipe else []), configs / "methods" / f"{method}.json"]
+    train = [
+        configs / "train.json",
+        *([Path(recipe).resolve()] if recipe else []),
+        configs / "methods" / f"{method}.json",
+    ]
     start = time.perf_counter()
     _bundle(train, common, run_dir / "log.txt", threads)
     _bundle([*train, configs / "evaluate.json"], common, run_dir / "log.txt", threads)
     summary = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())
-    return {"mean": summary["mean"], "n_images": summary["n_images"],
-            "n_empty_predictions": summary["n_empty_predictions"], "wall_s": time.perf_counter() - start}
+    return {
+        "mean": summary["mean"],
+        "n_images": summary["n_images"],
+        "n_empty_predictions": summary["n_empty_predictions"],
+        "wall_s": time.perf_counter() - start,
+    }
 
 
-def run_all(output_dir: str, methods: Sequence[str], fractions: Sequence[float | str], seeds: Sequence[int],
-            dataset_dir: str | None = None, overrides: dict | None = None,
-            runner: Callable[..., dict] = train_and_evaluate, workers: int = 1, threads: int | None = None,
-            recipe: str | None = None) -> list[dict]:
+def run_all(
+    output_dir: str,
+    methods: Sequence[str],
+    fractions: Sequence[float | str],
+    seeds: Sequence[int],
+    dataset_dir: str | None = None,
+    overrides: dict | None = None,
+    runner: Callable[..., dict] = train_and_evaluate,
+    workers: int = 1,
+    threads: int | None = None,
+    recipe: str | None = None,
+) -> list[dict]:
     """Every (method, fraction, seed) not yet finished, ``workers`` at a time; returns all results (earlier ones too).
 
     ``fractions``: labelled fractions (0.05) or exact labelled counts written ``"n25"`` (the paper's protocol).
@@ -139,8 +184,9 @@ def run_all(output_dir: str, methods: Sequence[str], fractions: Sequence[float |
     if "dataset_dir" not in overrides and dataset_dir == str(out / "data" / "phantom"):
         overrides["generate_phantom_if_empty"] = True
     # the upper bound uses every label whatever the fraction: one run per seed, reported as 100 %
-    jobs = list(dict.fromkeys((m, 1.0 if m == FULLY_SUPERVISED else f, s) for f in fractions for m in methods
-                              for s in seeds))
+    jobs = list(
+        dict.fromkeys((m, 1.0 if m == FULLY_SUPERVISED else f, s) for f in fractions for m in methods for s in seeds)
+    )
     todo = [job for job in jobs if not (out / run_name(*job) / "result.json").is_file()]
     logger.info(f"{len(jobs)} runs, {len(jobs) - len(todo)} done earlier, {len(todo)} to do with {workers} worker(s)")
     if workers > 1 and runner is train_and_evaluate:
@@ -176,7 +222,11 @@ def summarise(results: Sequence[dict]) -> list[dict]:
         label = r["fraction"] if isinstance(r["fraction"], str) else float(r["fraction"])
         groups.setdefault((r["method"], label), []).append(r)
     rows = []
-    order = lambda kv: (_label_key(kv[0][1]), METHODS.index(kv[0][0]) if kv[0][0] in METHODS else len(METHODS), kv[0][0])  # noqa: E731
+    order = lambda kv: (
+        _label_key(kv[0][1]),
+        METHODS.index(kv[0][0]) if kv[0][0] in METHODS else len(METHODS),
+        kv[0][0],
+    )  # noqa: E731
     for (method, fraction), runs in sorted(groups.items(), key=order):
         row = {"method": method, "fraction": fraction, "seeds": len(runs)}
         for metric in METRICS:
@@ -198,15 +248,19 @@ def write_table(rows: Sequence[dict], output_dir: str | Path) -> None:
             f.write(",".join("" if row.get(k) is None else str(row.get(k, "")) for k in fields) + "\n")
 
     write_atomic(out / "results.csv", write_csv)
-    lines = ["| method | labelled | seeds | Dice | HD95 (mm) | ASD (mm) | HD95 (px) | ASD (px) | HD95 medpy (grid px) "
-             "| ASD medpy (grid px) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | labelled | seeds | Dice | HD95 (mm) | ASD (mm) | HD95 (px) | ASD (px) | HD95 medpy (grid px) "
+        "| ASD medpy (grid px) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         cells = []
         for metric, digits in zip(METRICS, (3, 2, 2, 1, 1, 2, 2)):
             mean = row.get(f"{metric}_mean")
             cells.append("n/a" if mean is None else f"{mean:.{digits}f} ± {row[f'{metric}_std']:.{digits}f}")
-        lines.append(f"| {row['method']} | {label_text(row['fraction'])} | {row['seeds']} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {row['method']} | {label_text(row['fraction'])} | {row['seeds']} | " + " | ".join(cells) + " |"
+        )
     write_atomic(out / "results.md", lambda f: f.write("\n".join(lines) + "\n"))
 
 
@@ -225,8 +279,14 @@ def plot(results: Sequence[dict], rows: Sequence[dict], output_dir: str | Path) 
     for j, fraction in enumerate(fractions):
         sel = {r["method"]: r for r in rows if r["fraction"] == fraction}
         xs = [i + j * width for i, m in enumerate(methods) if m in sel]
-        ax.bar(xs, [sel[m]["dice_mean"] for m in methods if m in sel], width,
-               yerr=[sel[m]["dice_std"] for m in methods if m in sel], capsize=3, label=f"{label_text(fraction)} labelled")
+        ax.bar(
+            xs,
+            [sel[m]["dice_mean"] for m in methods if m in sel],
+            width,
+            yerr=[sel[m]["dice_std"] for m in methods if m in sel],
+            capsize=3,
+            label=f"{label_text(fraction)} labelled",
+        )
     ax.set_xticks([i + width * (len(fractions) - 1) / 2 for i in range(len(methods))], methods, rotation=30, ha="right")
     ax.set(ylabel="test Dice (mean ± std over seeds)", ylim=(0, 1))
     ax.legend()
@@ -246,10 +306,19 @@ def plot(results: Sequence[dict], rows: Sequence[dict], output_dir: str | Path) 
                         curves.append({int(p["iteration"]): float(p["val_mean_dice"]) for p in csv.DictReader(f)})
             if curves:
                 its = sorted(set.intersection(*(set(c) for c in curves)))
-                ax.plot(its, [statistics.fmean(c[i] for c in curves) for i in its], color=f"C{colour % 10}",
-                        linestyle="-" if colour < 10 else "--", label=f"{method} ({len(curves)} seeds)")
-        ax.set(title=f"{label_text(fraction)} labelled", xlabel="iteration", ylabel="validation Dice (mean over seeds)",
-               ylim=(0, 1))
+                ax.plot(
+                    its,
+                    [statistics.fmean(c[i] for c in curves) for i in its],
+                    color=f"C{colour % 10}",
+                    linestyle="-" if colour < 10 else "--",
+                    label=f"{method} ({len(curves)} seeds)",
+                )
+        ax.set(
+            title=f"{label_text(fraction)} labelled",
+            xlabel="iteration",
+            ylabel="validation Dice (mean over seeds)",
+            ylim=(0, 1),
+        )
         ax.legend(fontsize=7)
     fig.tight_layout()
     write_atomic(out / "validation_dice.png", lambda f: fig.savefig(f, format="png"), binary=True)
@@ -258,8 +327,9 @@ def plot(results: Sequence[dict], rows: Sequence[dict], output_dir: str | Path) 
 PAIRED_METRICS = ("dice", "hd95_medpy_grid_px", "asd_medpy_grid_px", "hd95_mm", "asd_mm")
 
 
-def paired_differences(results: Sequence[dict], method: str, baseline: str,
-                       metrics: Sequence[str] = PAIRED_METRICS) -> list[dict]:
+def paired_differences(
+    results: Sequence[dict], method: str, baseline: str, metrics: Sequence[str] = PAIRED_METRICS
+) -> list[dict]:
     """Per (labelled share, seed) present for both: ``method`` minus ``baseline`` of each metric's test mean; the
     seeds share their split and schedule, so these differences are paired."""
     by_key = {(r["method"], str(r["fraction"]), r["seed"]): r for r in results}
@@ -268,9 +338,17 @@ def paired_differences(results: Sequence[dict], method: str, baseline: str,
         other = by_key.get((baseline, labels, seed))
         if m != method or other is None:
             continue
-        rows.append({"labels": labels, "seed": seed, **{
-            k: r["mean"][k] - other["mean"][k] for k in metrics
-            if r["mean"].get(k) is not None and other["mean"].get(k) is not None}})
+        rows.append(
+            {
+                "labels": labels,
+                "seed": seed,
+                **{
+                    k: r["mean"][k] - other["mean"][k]
+                    for k in metrics
+                    if r["mean"].get(k) is not None and other["mean"].get(k) is not None
+                },
+            }
+        )
     return rows
 
 
@@ -281,12 +359,16 @@ def write_paired(results: Sequence[dict], output_dir: str | Path, pairs: Sequenc
         rows = paired_differences(results, method, baseline)
         if not rows:
             continue
-        lines += [f"**{method} − {baseline}** (test means, per seed; negative distances are better)", "",
-                  "| labelled | seed | " + " | ".join(PAIRED_METRICS) + " |",
-                  "| --- | --- | " + " | ".join("---" for _ in PAIRED_METRICS) + " |"]
+        lines += [
+            f"**{method} − {baseline}** (test means, per seed; negative distances are better)",
+            "",
+            "| labelled | seed | " + " | ".join(PAIRED_METRICS) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in PAIRED_METRICS) + " |",
+        ]
         for row in rows:
-            cells = ["n/a" if k not in row else f"{row[k]:+.3f}" if k == "dice" else f"{row[k]:+.2f}"
-                     for k in PAIRED_METRICS]
+            cells = [
+                "n/a" if k not in row else f"{row[k]:+.3f}" if k == "dice" else f"{row[k]:+.2f}" for k in PAIRED_METRICS
+            ]
             lines.append(f"| {label_text(row['labels'])} | {row['seed']} | " + " | ".join(cells) + " |")
         summary = []
         for k in PAIRED_METRICS:
@@ -303,10 +385,18 @@ def write_paired(results: Sequence[dict], output_dir: str | Path, pairs: Sequenc
 class CompareCLI:
     """``python -m scripts.compare run`` and ``table``."""
 
-    def run(self, output_dir: str = "runs/compare", methods: Sequence[str] = METHODS,
-            fractions: Sequence[float] = (0.05, 0.1), seeds: Sequence[int] = (0, 1, 2), dataset_dir: str | None = None,
-            overrides: dict | None = None, workers: int = 1, threads: int | None = None,
-            recipe: str | None = None) -> None:
+    def run(
+        self,
+        output_dir: str = "runs/compare",
+        methods: Sequence[str] = METHODS,
+        fractions: Sequence[float] = (0.05, 0.1),
+        seeds: Sequence[int] = (0, 1, 2),
+        dataset_dir: str | None = None,
+        overrides: dict | None = None,
+        workers: int = 1,
+        threads: int | None = None,
+        recipe: str | None = None,
+    ) -> None:
         """Train and evaluate every (method, fraction, seed) not done yet, then write the table and plots.
 
         OUTPUT_DIR: one folder per run, the splits and the tables; METHODS: names of configs/methods/*.json;
@@ -316,12 +406,22 @@ class CompareCLI:
         RECIPE: a config merged between train.json and the method's file (configs/paper_recipe.json).
         """
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        results = run_all(output_dir, methods, fractions, seeds, dataset_dir, overrides, workers=workers,
-                          threads=threads, recipe=recipe)
+        results = run_all(
+            output_dir,
+            methods,
+            fractions,
+            seeds,
+            dataset_dir,
+            overrides,
+            workers=workers,
+            threads=threads,
+            recipe=recipe,
+        )
         self.table(output_dir, results)
 
-    def table(self, output_dir: str = "runs/compare", results: list[dict] | None = None,
-              paired: Sequence[Sequence[str]] = ()) -> None:
+    def table(
+        self, output_dir: str = "runs/compare", results: list[dict] | None = None, paired: Sequence[Sequence[str]] = ()
+    ) -> None:
         """Rebuild results.csv / results.md and the plots from the finished runs in ``output_dir``; ``paired``:
         (method, baseline) pairs whose per-seed differences go to paired.md, e.g. "[['full','supervised']]"."""
         out = Path(output_dir)

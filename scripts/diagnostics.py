@@ -54,8 +54,18 @@ class MethodDiagnostics:
         batch_size: forward batch.
     """
 
-    def __init__(self, network_a, network_b, teacher, validation_dataset, unlabeled_dataset, unlabeled_items,
-                 output_dir: str | os.PathLike, max_images: int = 32, batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        network_a,
+        network_b,
+        teacher,
+        validation_dataset,
+        unlabeled_dataset,
+        unlabeled_items,
+        output_dir: str | os.PathLike,
+        max_images: int = 32,
+        batch_size: int = 8,
+    ) -> None:
         self.networks = {"a": network_a, "b": network_b, "teacher": teacher}
         self.output_dir = Path(output_dir)
         self.batch_size = batch_size
@@ -93,8 +103,12 @@ class MethodDiagnostics:
         was_training = network.training
         network.eval()
         device = next(network.parameters()).device
-        out = torch.cat([network(images[i:i + self.batch_size].to(device)).argmax(1).cpu()
-                         for i in range(0, len(images), self.batch_size)])
+        out = torch.cat(
+            [
+                network(images[i : i + self.batch_size].to(device)).argmax(1).cpu()
+                for i in range(0, len(images), self.batch_size)
+            ]
+        )
         network.train(was_training)
         return out
 
@@ -140,8 +154,13 @@ class MethodDiagnostics:
         its = [r["iteration"] for r in self.rows]
         for key in fields:
             if key.startswith(("val_dice_", "pseudo_dice_", "agreement")):
-                left.plot(its, [r.get(key, np.nan) for r in self.rows], marker=".",
-                          linestyle="-" if key.startswith("val") else "--", label=key)
+                left.plot(
+                    its,
+                    [r.get(key, np.nan) for r in self.rows],
+                    marker=".",
+                    linestyle="-" if key.startswith("val") else "--",
+                    label=key,
+                )
             elif key in WEIGHTS:
                 right.plot(its, [r.get(key, np.nan) for r in self.rows], marker=".", label=key)
         left.set(xlabel="iteration", ylabel="Dice", ylim=(0, 1), title="networks (val) and pseudo-labels (unlabelled)")

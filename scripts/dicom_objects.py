@@ -128,8 +128,11 @@ def _bundle_identity() -> dict[str, str]:
     if len(name) > LO_MAX:  # keep the name before its parenthesis, else cut
         short = name.split(" (")[0]
         name = short if len(short) <= LO_MAX else name[:LO_MAX]
-    return {"name": name, "version": str(meta.get("version") or "unknown"),
-            "manufacturer": str(meta.get("authors") or "unknown")[:LO_MAX]}
+    return {
+        "name": name,
+        "version": str(meta.get("version") or "unknown"),
+        "manufacturer": str(meta.get("authors") or "unknown")[:LO_MAX],
+    }
 
 
 def _describe(source: Dataset) -> str:
@@ -154,20 +157,36 @@ def _is_cine(source: Dataset) -> bool:
 
 
 def _check_image(source: Dataset) -> None:
-    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows",
-                           "Columns") if k not in source]
+    missing = [
+        k
+        for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
+        if k not in source
+    ]
     if "PixelData" not in source or missing:
         sop = getattr(source, "SOPClassUID", None)
-        raise ValueError(f"{_describe(source)}: not an image ({getattr(sop, 'name', sop) or 'no SOP class'}; "
-                         f"missing {', '.join(missing) or 'PixelData'})")
+        raise ValueError(
+            f"{_describe(source)}: not an image ({getattr(sop, 'name', sop) or 'no SOP class'}; "
+            f"missing {', '.join(missing) or 'PixelData'})"
+        )
     if _frame_count(source) > 1 and source.SOPClassUID != UltrasoundMultiFrameImageStorage:
-        raise ValueError(f"{_describe(source)}: multi-frame {source.SOPClassUID.name} is not supported; "
-                         "only Ultrasound Image Storage and Ultrasound Multi-frame Image Storage")
+        raise ValueError(
+            f"{_describe(source)}: multi-frame {source.SOPClassUID.name} is not supported; "
+            "only Ultrasound Image Storage and Ultrasound Multi-frame Image Storage"
+        )
 
 
 # type-2 patient/study attributes highdicom copies into every new object: empty when the source lacks them
-IDENTITY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
-                     "ReferringPhysicianName", "StudyDate", "StudyTime")
+IDENTITY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDate",
+    "StudyTime",
+)
 DATE_TIME = {"DA": (".", re.compile(r"^\d{8}$")), "TM": (":", re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$"))}
 
 
@@ -191,8 +210,11 @@ def _conformant(source: Dataset) -> Dataset:
     fixed = copy.deepcopy(source)
     for keyword, value in fixes.items():
         setattr(fixed, keyword, value)
-    logger.info("%s: made conformant for the derived objects (source unchanged): %s", _describe(source),
-                ", ".join(f"{k}={v!r}" for k, v in fixes.items()))
+    logger.info(
+        "%s: made conformant for the derived objects (source unchanged): %s",
+        _describe(source),
+        ", ".join(f"{k}={v!r}" for k, v in fixes.items()),
+    )
     return fixed
 
 
@@ -220,15 +242,19 @@ def _point_references_at_frame(seg: Dataset, source: Dataset, frame_number: int)
     for series in seg.ReferencedSeriesSequence:
         # highdicom shares these items with the Source Image Sequence; the Series and Instance Reference macro
         # (PS3.3 C.17.4) holds no frame number, so each instance gets its own item without one
-        series.ReferencedInstanceSequence = [
-            Dataset() for _ in series.ReferencedInstanceSequence]
+        series.ReferencedInstanceSequence = [Dataset() for _ in series.ReferencedInstanceSequence]
         for instance in series.ReferencedInstanceSequence:
             instance.ReferencedSOPClassUID = source.SOPClassUID
             instance.ReferencedSOPInstanceUID = source.SOPInstanceUID
 
 
-def build_segmentation(source: pydicom.Dataset, masks: dict[int, np.ndarray], structure: str = "head",
-                       model_id: str = "", frames: list[int] | None = None) -> list[pydicom.Dataset]:
+def build_segmentation(
+    source: pydicom.Dataset,
+    masks: dict[int, np.ndarray],
+    structure: str = "head",
+    model_id: str = "",
+    frames: list[int] | None = None,
+) -> list[pydicom.Dataset]:
     """BINARY SEG(s) of ``masks`` (0-based frame -> (Rows, Columns) class-index mask, > 0 is ``structure``).
 
     One SEG for a single-frame source, one per selected frame of a cine (module docstring); ``frames`` defaults to
@@ -250,32 +276,48 @@ def build_segmentation(source: pydicom.Dataset, masks: dict[int, np.ndarray], st
             raise ValueError(f"{name}: no mask for selected frame {frame}")
         shape = np.shape(masks[frame])
         if shape != (source.Rows, source.Columns):
-            raise ValueError(f"{name}: mask for frame {frame} has shape {shape}, expected (Rows, Columns) = "
-                             f"({source.Rows}, {source.Columns})")
+            raise ValueError(
+                f"{name}: mask for frame {frame} has shape {shape}, expected (Rows, Columns) = "
+                f"({source.Rows}, {source.Columns})"
+            )
 
     identity = _bundle_identity()
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=identity["name"], version=identity["version"], family=codes.cid7162.ArtificialIntelligence,
-        parameters={"model_id": model_id} if model_id else None)
+        name=identity["name"],
+        version=identity["version"],
+        family=codes.cid7162.ArtificialIntelligence,
+        parameters={"model_id": model_id} if model_id else None,
+    )
     description = hd.seg.SegmentDescription(
-        segment_number=1, segment_label=SEGMENT_LABELS[structure], segmented_property_category=SEGMENT_CATEGORY,
-        segmented_property_type=STRUCTURES[structure], algorithm_type="AUTOMATIC",
-        algorithm_identification=algorithm)
+        segment_number=1,
+        segment_label=SEGMENT_LABELS[structure],
+        segmented_property_category=SEGMENT_CATEGORY,
+        segmented_property_type=STRUCTURES[structure],
+        algorithm_type="AUTOMATIC",
+        algorithm_identification=algorithm,
+    )
     uid_parts = (str(source.SOPInstanceUID), "SEG", model_id, structure)
     series_uid = derived_uid(*uid_parts, "series")
     base = _single_frame_view(source) if cine else source
     segmentations = []
     for frame in frames:
         seg = hd.seg.Segmentation(
-            source_images=[base], pixel_array=(np.asarray(masks[frame]) > 0).astype(np.uint8),
-            segmentation_type="BINARY", segment_descriptions=[description],
-            series_instance_uid=series_uid, series_number=SEG_SERIES_NUMBER,
-            sop_instance_uid=derived_uid(*uid_parts, "frame", str(frame)), instance_number=frame + 1,
-            manufacturer=identity["manufacturer"], manufacturer_model_name=identity["name"],
-            software_versions=identity["version"], device_serial_number=model_id or "unknown",
+            source_images=[base],
+            pixel_array=(np.asarray(masks[frame]) > 0).astype(np.uint8),
+            segmentation_type="BINARY",
+            segment_descriptions=[description],
+            series_instance_uid=series_uid,
+            series_number=SEG_SERIES_NUMBER,
+            sop_instance_uid=derived_uid(*uid_parts, "frame", str(frame)),
+            instance_number=frame + 1,
+            manufacturer=identity["manufacturer"],
+            manufacturer_model_name=identity["name"],
+            software_versions=identity["version"],
+            device_serial_number=model_id or "unknown",
             content_label=f"FETAL_{structure.upper()}"[:16],
             content_description=f"{SEGMENT_LABELS[structure]}" + (f", frame {frame + 1}" if cine else ""),
-            series_description=f"AI {SEGMENT_LABELS[structure]} segmentation", omit_empty_frames=False,
+            series_description=f"AI {SEGMENT_LABELS[structure]} segmentation",
+            omit_empty_frames=False,
             content_qualification=CONTENT_QUALIFICATION,
         )
         if cine:
@@ -303,8 +345,9 @@ def _seg_by_frame(source: Dataset, segmentations: Sequence[Dataset]) -> dict[int
 MEASUREMENT_KEYS = ("semi_axes_a", "semi_axes_b", "circumference", "area")
 
 
-def _measured_frames(measurements: Mapping[int, Mapping[str, Any]] | None, name: str = "",
-                     warn: bool = True) -> list[int]:
+def _measured_frames(
+    measurements: Mapping[int, Mapping[str, Any]] | None, name: str = "", warn: bool = True
+) -> list[int]:
     """Frames whose measurement is an ellipse in mm; a frame in pixels is skipped (with a warning if ``warn``)."""
     frames = []
     for frame, row in sorted((measurements or {}).items()):
@@ -313,16 +356,25 @@ def _measured_frames(measurements: Mapping[int, Mapping[str, Any]] | None, name:
             continue  # no ellipse fitted
         if row.get("unit") != "mm":
             if warn:
-                logger.warning("%s frame %d: measurement in %r, not mm (no pixel size); left out of the SR, which "
-                               "needs physical units", name, frame, row.get("unit"))
+                logger.warning(
+                    "%s frame %d: measurement in %r, not mm (no pixel size); left out of the SR, which "
+                    "needs physical units",
+                    name,
+                    frame,
+                    row.get("unit"),
+                )
             continue
         frames.append(int(frame))
     return frames
 
 
-def build_measurement_report(source: pydicom.Dataset, segmentations: list[pydicom.Dataset],
-                             measurements: dict[int, dict], structure: str = "head",
-                             model_id: str = "") -> pydicom.Dataset:
+def build_measurement_report(
+    source: pydicom.Dataset,
+    segmentations: list[pydicom.Dataset],
+    measurements: dict[int, dict],
+    structure: str = "head",
+    model_id: str = "",
+) -> pydicom.Dataset:
     """Comprehensive SR (TID 1500): one planar measurement group per frame with an ellipse in mm.
 
     Each group references the segment of that frame's SEG and the source image (frame number for cines) and holds
@@ -344,61 +396,98 @@ def build_measurement_report(source: pydicom.Dataset, segmentations: list[pydico
         raise ValueError(f"{name}: no SEG among the {len(segmentations)} given references frame(s) {missing}")
 
     identity = _bundle_identity()
-    algorithm = hd.sr.AlgorithmIdentification(name=identity["name"], version=identity["version"],
-                                              parameters=[model_id] if model_id else None)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=identity["name"], version=identity["version"], parameters=[model_id] if model_id else None
+    )
     uid_parts = (str(source.SOPInstanceUID), "SR", model_id, structure)
     groups, flagged = [], []
     for frame in frames:
         row, seg = measurements[frame], seg_of[frame]
         a, b = float(row["semi_axes_a"]), float(row["semi_axes_b"])
         mm, mm2 = codes.UCUM.Millimeter, codes.UCUM.SquareMillimeter
-        values = [(CIRCUMFERENCE[structure], float(row["circumference"]), mm), (codes.SCT.MajorAxis, 2 * max(a, b), mm),
-                  (codes.SCT.MinorAxis, 2 * min(a, b), mm), (codes.SCT.Area, float(row["area"]), mm2)]
+        values = [
+            (CIRCUMFERENCE[structure], float(row["circumference"]), mm),
+            (codes.SCT.MajorAxis, 2 * max(a, b), mm),
+            (codes.SCT.MinorAxis, 2 * min(a, b), mm),
+            (codes.SCT.Area, float(row["area"]), mm2),
+        ]
         flags = parse_flags(row.get("flags"))
         qualifiers = {CIRCUMFERENCE[structure]: VALUE_OUT_OF_RANGE} if "circumference_out_of_range" in flags else {}
         referenced_segment = hd.sr.ReferencedSegmentationFrame(
-            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, frame_number=1, segment_number=1,
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            frame_number=1,
+            segment_number=1,
             source_image=hd.sr.SourceImageForSegmentation(
-                referenced_sop_class_uid=source.SOPClassUID, referenced_sop_instance_uid=source.SOPInstanceUID,
-                referenced_frame_numbers=[frame + 1] if cine else None))
+                referenced_sop_class_uid=source.SOPClassUID,
+                referenced_sop_instance_uid=source.SOPInstanceUID,
+                referenced_frame_numbers=[frame + 1] if cine else None,
+            ),
+        )
         # TID 1410 references a SEG *frame* (DCM 121214), which names its segment already; PS3.3 C.10.9 (SOP
         # Instance Reference macro) forbids Referenced Segment Number beside Referenced Frame Number, and highdicom
         # 0.28.2 writes both: keep the frame (frame 1 of a one-segment, one-frame SEG is segment 1).
         del referenced_segment[0].ReferencedSOPSequence[0].ReferencedSegmentNumber
-        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=derived_uid(*uid_parts, "tracking", str(frame)),
-                identifier=SEGMENT_LABELS[structure] + (f" frame {frame + 1}" if cine else "")),
-            referenced_segment=referenced_segment, finding_type=STRUCTURES[structure],
-            finding_sites=[hd.sr.FindingSite(FINDING_SITE[structure])], algorithm_id=algorithm,
-            measurements=[hd.sr.Measurement(name=n, value=v, unit=u, qualifier=qualifiers.get(n),
-                                            algorithm_id=algorithm) for n, v, u in values],
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(QUALITY_FINDING, flag_code(f)) for f in flags] or None,
-        ))
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=derived_uid(*uid_parts, "tracking", str(frame)),
+                    identifier=SEGMENT_LABELS[structure] + (f" frame {frame + 1}" if cine else ""),
+                ),
+                referenced_segment=referenced_segment,
+                finding_type=STRUCTURES[structure],
+                finding_sites=[hd.sr.FindingSite(FINDING_SITE[structure])],
+                algorithm_id=algorithm,
+                measurements=[
+                    hd.sr.Measurement(name=n, value=v, unit=u, qualifier=qualifiers.get(n), algorithm_id=algorithm)
+                    for n, v, u in values
+                ],
+                qualitative_evaluations=[hd.sr.QualitativeEvaluation(QUALITY_FINDING, flag_code(f)) for f in flags]
+                or None,
+            )
+        )
         if flags:
             flagged.append(frame)
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derived_uid(identity["name"], identity["version"], model_id, "device"), name=identity["name"],
-            manufacturer_name=identity["manufacturer"], model_name=identity["name"],
-            serial_number=model_id or None))
-    subject = hd.sr.SubjectContext(subject_class=codes.DCM.Fetus,
-                                   subject_class_specific_context=hd.sr.SubjectContextFetus(subject_id=FETUS_ID))
+            uid=derived_uid(identity["name"], identity["version"], model_id, "device"),
+            name=identity["name"],
+            manufacturer_name=identity["manufacturer"],
+            model_name=identity["name"],
+            serial_number=model_id or None,
+        ),
+    )
+    subject = hd.sr.SubjectContext(
+        subject_class=codes.DCM.Fetus, subject_class_specific_context=hd.sr.SubjectContextFetus(subject_id=FETUS_ID)
+    )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer, subject_context=subject),
-        procedure_reported=codes.SCT.UltrasoundScanObstetric, imaging_measurements=groups,
-        title=codes.cid7021.ImagingMeasurementReport)
+        procedure_reported=codes.SCT.UltrasoundScanObstetric,
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
     used = {id(seg_of[f]): seg_of[f] for f in frames}
     return hd.sr.ComprehensiveSR(
-        evidence=[source, *used.values()], content=report[0],
-        series_instance_uid=derived_uid(*uid_parts, "series"), series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(*uid_parts, "instance"), instance_number=1,
-        manufacturer=identity["manufacturer"], is_complete=True,
-        series_description=f"AI {SEGMENT_LABELS[structure]} biometry", content_qualification=CONTENT_QUALIFICATION,
-        coding_schemes=[CodingSchemeIdentificationItem(
-            designator=FLAG_SCHEME, name="Fetal ultrasound bundle quality flags",
-            responsible_organization=identity["manufacturer"])] if flagged else None,
+        evidence=[source, *used.values()],
+        content=report[0],
+        series_instance_uid=derived_uid(*uid_parts, "series"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(*uid_parts, "instance"),
+        instance_number=1,
+        manufacturer=identity["manufacturer"],
+        is_complete=True,
+        series_description=f"AI {SEGMENT_LABELS[structure]} biometry",
+        content_qualification=CONTENT_QUALIFICATION,
+        coding_schemes=[
+            CodingSchemeIdentificationItem(
+                designator=FLAG_SCHEME,
+                name="Fetal ultrasound bundle quality flags",
+                responsible_organization=identity["manufacturer"],
+            )
+        ]
+        if flagged
+        else None,
     )
 
 
@@ -417,11 +506,13 @@ def write_results(source_path, masks, measurements, out_dir, structure="head", m
         raise ValueError(f"{source_path}: not a readable DICOM file ({error})") from None
     objects = build_segmentation(source, masks, structure=structure, model_id=model_id)
     if _measured_frames(measurements, warn=False):
-        objects.append(build_measurement_report(source, objects, measurements, structure=structure,
-                                                model_id=model_id))
+        objects.append(build_measurement_report(source, objects, measurements, structure=structure, model_id=model_id))
     else:
-        logger.warning("%s: no ellipse measured in mm to report (or every one withheld); writing the segmentation "
-                       "without a measurement SR", source_path)
+        logger.warning(
+            "%s: no ellipse measured in mm to report (or every one withheld); writing the segmentation "
+            "without a measurement SR",
+            source_path,
+        )
     paths = []
     for ds in objects:
         path = out_dir / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
@@ -432,8 +523,14 @@ def write_results(source_path, masks, measurements, out_dir, structure="head", m
     return paths
 
 
-def phantom_ultrasound_dicom(image: np.ndarray, pixel_size_mm: float, path, patient_id="PHANTOM-001",
-                             patient_name="Phantom^Fetal", study_uid=None) -> Path:
+def phantom_ultrasound_dicom(
+    image: np.ndarray,
+    pixel_size_mm: float,
+    path,
+    patient_id="PHANTOM-001",
+    patient_name="Phantom^Fetal",
+    study_uid=None,
+) -> Path:
     """Write a synthetic single-frame Ultrasound Image Storage file (MONOCHROME2, 8 bit, explicit VR little endian).
 
     One US region covers the image with PhysicalDeltaX/Y = ``pixel_size_mm`` / 10 cm. UIDs are derived from the

@@ -186,8 +186,9 @@ class MetricsWriter:
         if self.measure_circumference:
             keys = self.reference_circumference_key
             keys = [keys] if isinstance(keys, str) or keys is None else keys
-            reference = next((v for v in (_known(self._lookup(item, batch_item, k)) for k in keys) if v is not None),
-                             None)
+            reference = next(
+                (v for v in (_known(self._lookup(item, batch_item, k)) for k in keys) if v is not None), None
+            )
             row.update(self._circumferences(pred, label, pixel_size, reference))
         row["empty_prediction"] = result["empty_prediction"]
         row["failure"] = result["failure"]
@@ -265,9 +266,15 @@ class MetricsWriter:
         circumference = m.get("circumference_abs_error_mm")
         logger.info(
             "%d images, %d empty predictions: Dice %.4f, HD95 %.2f %s, ASD %.2f %s%s -> %s.csv/.json",
-            summary["n_images"], summary["n_empty_predictions"], m["dice"],
-            m[f"hd95_{unit}"], unit, m[f"asd_{unit}"], unit,
-            "" if circumference is None else f", circumference error {circumference:.2f} mm", prefix,
+            summary["n_images"],
+            summary["n_empty_predictions"],
+            m["dice"],
+            m[f"hd95_{unit}"],
+            unit,
+            m[f"asd_{unit}"],
+            unit,
+            "" if circumference is None else f", circumference error {circumference:.2f} mm",
+            prefix,
         )
 
     @staticmethod

@@ -33,8 +33,7 @@ from monai.utils.enums import CommonKeys as Keys
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from scripts.biometry import (HC18_SUBMISSION_COLUMNS, MEASUREMENT_COLUMNS, field_of_view, fit_ellipse,
-                              parse_flags)
+from scripts.biometry import HC18_SUBMISSION_COLUMNS, MEASUREMENT_COLUMNS, field_of_view, fit_ellipse, parse_flags
 from scripts.data.hc18 import TEST_CSV_NAME, TRAINING_CSV_NAME, read_hc18_csv
 from scripts.files import IMAGE_SUFFIXES, image_stem, write_atomic, write_json_atomic
 from scripts.metrics import pixel_size_pair, user_pixel_size
@@ -42,9 +41,22 @@ from scripts.onnx_network import ONNX_EXPORT_COMMAND
 from scripts.settings import require_file
 from scripts.transforms import channel_argmax
 
-__all__ = ["BACKENDS", "require_model", "list_images", "source_frames", "failure_reason", "InferenceDataset",
-           "collate_frames", "FolderEvaluator", "BackgroundWriter", "ProgressReport", "exit_on_failures",
-           "overlay_rgb", "OverlayWriter", "MeasurementWriter"]
+__all__ = [
+    "BACKENDS",
+    "require_model",
+    "list_images",
+    "source_frames",
+    "failure_reason",
+    "InferenceDataset",
+    "collate_frames",
+    "FolderEvaluator",
+    "BackgroundWriter",
+    "ProgressReport",
+    "exit_on_failures",
+    "overlay_rgb",
+    "OverlayWriter",
+    "MeasurementWriter",
+]
 
 #: how configs/inference.json runs the network: the eager UNeXt from models/model.pt, or the exported ONNX model
 BACKENDS = ("torch", "onnxruntime")
@@ -70,14 +82,20 @@ def require_model(backend: str, ckpt_file: str, onnx_path: str) -> str:
     if backend == "onnxruntime":
         require_file(onnx_path, f"the ONNX model: export it first with: {ONNX_EXPORT_COMMAND}")
         if Path(ckpt_file).is_file() and Path(ckpt_file).stat().st_mtime > Path(onnx_path).stat().st_mtime:
-            logger.warning(f"{onnx_path} is older than {ckpt_file}: export it again if the model was retrained "
-                           f"({ONNX_EXPORT_COMMAND})")
+            logger.warning(
+                f"{onnx_path} is older than {ckpt_file}: export it again if the model was retrained "
+                f"({ONNX_EXPORT_COMMAND})"
+            )
         return onnx_path
     return require_file(ckpt_file, "the trained model: run configs/train.json first")
 
 
-def list_images(input_dir: str, suffixes: Sequence[str] = IMAGE_SUFFIXES, pixel_size_mm: Any = None,
-                pixel_size_csv: str | None = None) -> list[dict]:
+def list_images(
+    input_dir: str,
+    suffixes: Sequence[str] = IMAGE_SUFFIXES,
+    pixel_size_mm: Any = None,
+    pixel_size_csv: str | None = None,
+) -> list[dict]:
     """``[{"image": path[, "pixel_size_mm": [sx, sy]]}, ...]`` for an image file or every image directly in a folder.
 
     Nothing is decoded here. Annotations and this bundle's outputs are skipped. DICOM files (``.dcm``, or
@@ -95,8 +113,14 @@ def list_images(input_dir: str, suffixes: Sequence[str] = IMAGE_SUFFIXES, pixel_
     folder = source if source.is_dir() else source.parent
     candidates = sorted(folder.iterdir()) if source.is_dir() else [source]
     dicoms = [p for p in candidates if p.is_file() and (p.suffix.lower() == ".dcm" or (not p.suffix and is_dicom(p)))]
-    files = [p for p in candidates if p.is_file() and p not in dicoms and p.name.lower().endswith(tuple(suffixes))
-             and not p.name.endswith(NOT_INPUTS)]
+    files = [
+        p
+        for p in candidates
+        if p.is_file()
+        and p not in dicoms
+        and p.name.lower().endswith(tuple(suffixes))
+        and not p.name.endswith(NOT_INPUTS)
+    ]
     if not files and not dicoms:
         raise ValueError(f"{source} holds no images ({', '.join(suffixes)})")
     if pixel_size_csv is None:
@@ -135,7 +159,7 @@ def failure_reason(error: BaseException, file: str | None = None) -> str:
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else ""
     if file and text.startswith(f"{file}: "):
-        return text[len(file) + 2:]
+        return text[len(file) + 2 :]
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -169,8 +193,11 @@ def collate_frames(files: Sequence[list[dict]]) -> dict:
     frames = [frame for frames in files for frame in frames]
     good = [frame for frame in frames if FAILED not in frame]
     shared = set.intersection(*(set(f) for f in good)) if good else set()
-    stacked = {k for k in shared if all(isinstance(f[k], torch.Tensor) for f in good)
-               and len({tuple(f[k].shape) for f in good}) == 1}
+    stacked = {
+        k
+        for k in shared
+        if all(isinstance(f[k], torch.Tensor) for f in good) and len({tuple(f[k].shape) for f in good}) == 1
+    }
     batch = list_data_collate([{k: f[k] for k in stacked} for f in good]) if good else {}
     batch[EXTRAS] = [{k: v for k, v in f.items() if k not in stacked} for f in good]
     batch[FAILED] = [frame[FAILED] for frame in frames if FAILED in frame]
@@ -190,8 +217,9 @@ class FolderEvaluator(SupervisedEvaluator):
     batch whose files all failed skips the forward.
     """
 
-    def __init__(self, *args: Any, postprocessing: Callable | None = None, writer: BackgroundWriter | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, postprocessing: Callable | None = None, writer: BackgroundWriter | None = None, **kwargs: Any
+    ) -> None:
         self.writer = writer
         self.frame_postprocessing = postprocessing if writer is not None else None
         super().__init__(*args, postprocessing=None if writer is not None else postprocessing, **kwargs)
@@ -326,11 +354,15 @@ class ProgressReport:
         seconds = time.perf_counter() - self.started
         failed = getattr(engine.state, "failed", [])
         files = getattr(engine.state, "files_done", self.images) - len(failed)
-        message = (f"{self.desc}: {self.images} images from {files} files in {seconds:.1f} s "
-                   f"({self.images / seconds if seconds > 0 else float('nan'):.2f} images/s)")
+        message = (
+            f"{self.desc}: {self.images} images from {files} files in {seconds:.1f} s "
+            f"({self.images / seconds if seconds > 0 else float('nan'):.2f} images/s)"
+        )
         if failed:
-            logger.error(f"{message}; {len(failed)} file(s) failed and were skipped: "
-                         + ", ".join(Path(f["file"]).name for f in failed))
+            logger.error(
+                f"{message}; {len(failed)} file(s) failed and were skipped: "
+                + ", ".join(Path(f["file"]).name for f in failed)
+            )
         else:
             logger.info(message)
 
@@ -339,8 +371,10 @@ def exit_on_failures(evaluator: Engine) -> None:
     """End the command with exit status 1 and one line when any input file failed (after everything else ran)."""
     failed = getattr(evaluator.state, "failed", [])
     if failed:
-        raise SystemExit(f"{len(failed)} input file(s) could not be processed (see the lines above): "
-                         + "; ".join(f"{f['file']}: {f['reason']}" for f in failed))
+        raise SystemExit(
+            f"{len(failed)} input file(s) could not be processed (see the lines above): "
+            + "; ".join(f"{f['file']}: {f['reason']}" for f in failed)
+        )
 
 
 def _as_index_map(pred: torch.Tensor) -> np.ndarray:
@@ -376,8 +410,14 @@ def display_size(width: int, height: int, max_size: int | None) -> tuple[int, in
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def overlay_rgb(image: torch.Tensor, pred: torch.Tensor, alpha: float = 0.35, ellipse: np.ndarray | None = None,
-                max_size: int | None = None, flags: Sequence[str] = ()) -> np.ndarray:
+def overlay_rgb(
+    image: torch.Tensor,
+    pred: torch.Tensor,
+    alpha: float = 0.35,
+    ellipse: np.ndarray | None = None,
+    max_size: int | None = None,
+    flags: Sequence[str] = (),
+) -> np.ndarray:
     """Tint each predicted class over the image and draw its boundary; MONAI (C, W, H) inputs, (H, W, 3) output.
 
     ``ellipse``: (N, 2) pixel coordinates (x, y) of a fitted ellipse, drawn in yellow two pixels wide. ``max_size``:
@@ -430,8 +470,15 @@ class OverlayWriter:
     and writing run in its thread pool.
     """
 
-    def __init__(self, output_dir: str, image_key: str = "original", pred_key: str = "pred", alpha: float = 0.35,
-                 max_size: int | None = 512, writer: BackgroundWriter | None = None):
+    def __init__(
+        self,
+        output_dir: str,
+        image_key: str = "original",
+        pred_key: str = "pred",
+        alpha: float = 0.35,
+        max_size: int | None = 512,
+        writer: BackgroundWriter | None = None,
+    ):
         self.output_dir = Path(output_dir)
         self.image_key, self.pred_key, self.alpha = image_key, pred_key, alpha
         self.max_size, self.writer = max_size, writer or BackgroundWriter(0)
@@ -447,8 +494,11 @@ class OverlayWriter:
         flags = parse_flags(fit.get("flags")) if fit else []
         picture = Image.fromarray(overlay_rgb(image, pred, self.alpha, ellipse, self.max_size, flags))
         # zlib level 1: 4x faster than PIL's default 6 on an 800 x 540 overlay, and no larger on ultrasound
-        write_atomic(self.output_dir / f"{stem}_overlay.png",
-                     lambda f: picture.save(f, format="PNG", compress_level=1), binary=True)
+        write_atomic(
+            self.output_dir / f"{stem}_overlay.png",
+            lambda f: picture.save(f, format="PNG", compress_level=1),
+            binary=True,
+        )
 
     def __call__(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -476,9 +526,17 @@ class MeasurementWriter:
         c.removesuffix("_mm").removesuffix("_mm2") for c in MEASUREMENT_COLUMNS
     )
 
-    def __init__(self, output_dir: str, pred_key: str = "pred", image_key: str = "image",
-                 pixel_size_key: str = "pixel_size_mm", hc18_submission: bool = False, structure: str | None = "head",
-                 sector_key: str | None = None, writer: BackgroundWriter | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        pred_key: str = "pred",
+        image_key: str = "image",
+        pixel_size_key: str = "pixel_size_mm",
+        hc18_submission: bool = False,
+        structure: str | None = "head",
+        sector_key: str | None = None,
+        writer: BackgroundWriter | None = None,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.pred_key, self.image_key, self.pixel_size_key = pred_key, image_key, pixel_size_key
         self.hc18_submission, self.structure, self.sector_key = hc18_submission, structure, sector_key
@@ -519,8 +577,9 @@ class MeasurementWriter:
         for out, item in zip(engine.state.output, engine.state.batch):
             filename = Path(_source_name(item, self.image_key, f"image_{len(self.rows):04d}")).name
             image = item.get(self.sector_key) if self.sector_key else None
-            done = self.writer.submit(self._measure_item, out[self.pred_key], item.get(self.pixel_size_key), filename,
-                                      image)
+            done = self.writer.submit(
+                self._measure_item, out[self.pred_key], item.get(self.pixel_size_key), filename, image
+            )
             self.rows.append(done)
             out["measurement"] = _then(done, lambda result: result[1])
 
@@ -544,10 +603,13 @@ class MeasurementWriter:
                     f"hc18_submission needs every image's pixel size; none for {', '.join(missing[:5])}"
                     f"{' ...' if len(missing) > 5 else ''} (put test_set_pixel_size.csv in or beside the input folder)"
                 )
+
             def value(row, column):
                 return 0.0 if row[column.removesuffix("_mm")] is None else row[column.removesuffix("_mm")]
 
-            submission = [{"filename": r["filename"], **{c: value(r, c) for c in HC18_SUBMISSION_COLUMNS[1:]}}
-                          for r in rows]
-            write_atomic(self.output_dir / "hc18_submission.csv",
-                         lambda f: table(f, HC18_SUBMISSION_COLUMNS, submission))
+            submission = [
+                {"filename": r["filename"], **{c: value(r, c) for c in HC18_SUBMISSION_COLUMNS[1:]}} for r in rows
+            ]
+            write_atomic(
+                self.output_dir / "hc18_submission.csv", lambda f: table(f, HC18_SUBMISSION_COLUMNS, submission)
+            )

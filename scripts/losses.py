@@ -28,9 +28,7 @@ def reference_dice(**kwargs) -> DiceLoss:
 
     loss = mean_c [1 - (2 sum p_c y_c + 1e-5) / (sum p_c^2 + sum y_c^2 + 1e-5)], sums over batch and pixels.
     """
-    return DiceLoss(
-        include_background=True, squared_pred=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True, **kwargs
-    )
+    return DiceLoss(include_background=True, squared_pred=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True, **kwargs)
 
 
 class SupervisedLoss(DiceCELoss):

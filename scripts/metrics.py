@@ -179,8 +179,9 @@ def medpy_asd(result: np.ndarray, reference: np.ndarray) -> float:
     return float(medpy_surface_distances(result, reference).mean())
 
 
-def paper_grid_metrics(pred_mask: np.ndarray | torch.Tensor, label_mask: np.ndarray | torch.Tensor,
-                       grid_size: Sequence[int]) -> dict[str, float]:
+def paper_grid_metrics(
+    pred_mask: np.ndarray | torch.Tensor, label_mask: np.ndarray | torch.Tensor, grid_size: Sequence[int]
+) -> dict[str, float]:
     """``hd95_medpy_grid_px`` and ``asd_medpy_grid_px`` of two foreground masks, both resized (nearest) to
     ``grid_size`` first; exactly one empty mask scores the grid diagonal, both empty 0."""
     resized = []
@@ -426,24 +427,39 @@ class FetalSegmentationMetricHandler(IgniteMetricHandler):
 class FetalDice(FetalSegmentationMetricHandler):
     """Mean Dice over images and foreground classes; an empty prediction scores 0, both empty score 1."""
 
-    def __init__(self, include_background: bool = False, reduction: MetricReduction | str = MetricReduction.MEAN,
-                 output_transform: Callable = lambda x: x, save_details: bool = True) -> None:
+    def __init__(
+        self,
+        include_background: bool = False,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
         super().__init__("dice", include_background, reduction, output_transform, save_details)
 
 
 class FetalHD95(FetalSegmentationMetricHandler):
     """Mean HD95 (pixels, or mm with ``pixel_size_key``); a failed class counts as the image diagonal."""
 
-    def __init__(self, include_background: bool = False, reduction: MetricReduction | str = MetricReduction.MEAN,
-                 output_transform: Callable = lambda x: x, save_details: bool = True,
-                 pixel_size_key: str | None = None) -> None:
+    def __init__(
+        self,
+        include_background: bool = False,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+        pixel_size_key: str | None = None,
+    ) -> None:
         super().__init__("hd95", include_background, reduction, output_transform, save_details, pixel_size_key)
 
 
 class FetalASD(FetalSegmentationMetricHandler):
     """Mean symmetric ASD (pixels, or mm with ``pixel_size_key``); a failed class counts as the image diagonal."""
 
-    def __init__(self, include_background: bool = False, reduction: MetricReduction | str = MetricReduction.MEAN,
-                 output_transform: Callable = lambda x: x, save_details: bool = True,
-                 pixel_size_key: str | None = None) -> None:
+    def __init__(
+        self,
+        include_background: bool = False,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+        pixel_size_key: str | None = None,
+    ) -> None:
         super().__init__("asd", include_background, reduction, output_transform, save_details, pixel_size_key)

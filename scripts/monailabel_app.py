@@ -43,8 +43,9 @@ def _result(summary: dict) -> dict:
     return summary
 
 
-def export(output: str, model: str | None = None, train_overrides: dict | None = None,
-           bundle_root: str = str(BUNDLE_ROOT)) -> dict:
+def export(
+    output: str, model: str | None = None, train_overrides: dict | None = None, bundle_root: str = str(BUNDLE_ROOT)
+) -> dict:
     """Write the MONAI Label copy of the bundle at ``bundle_root`` into ``output`` (a folder under ``<app>/model/``).
 
     Configs and ``scripts/`` are rewritten on every export; ``models/model.pt`` is copied from ``model`` when given,
@@ -62,7 +63,8 @@ def export(output: str, model: str | None = None, train_overrides: dict | None =
 
     (out / "configs").mkdir(parents=True, exist_ok=True)
     inference = ConfigParser.load_config_files(
-        [str(src / "configs" / "inference.json"), str(src / "configs" / "monailabel_inference.json")])
+        [str(src / "configs" / "inference.json"), str(src / "configs" / "monailabel_inference.json")]
+    )
     ConfigParser.export_config_file(inference, str(out / "configs" / "inference.json"), indent=4)
     train = ConfigParser(ConfigParser.load_config_files(str(src / "configs" / "train.json")))
     train["train#trainer#max_iterations"] = None  # MONAI Label sizes the run by train#trainer#max_epochs alone
@@ -82,7 +84,9 @@ def export(output: str, model: str | None = None, train_overrides: dict | None =
         shutil.copy2(source, target)
         logger.info(f"model: {source} -> {target}")
     elif not target.exists():
-        logger.warning(f"no model in {src / 'models'}: MONAI Label offers inference once a training has written {target}")
+        logger.warning(
+            f"no model in {src / 'models'}: MONAI Label offers inference once a training has written {target}"
+        )
     (out / EXPORT_MARKER).write_text(json.dumps({"source": str(src), "train_overrides": train_overrides or {}}) + "\n")
     return _result({"bundle": str(out), "model": str(target) if target.exists() else None})
 
@@ -93,16 +97,26 @@ def infer(bundle: str, image: str, output: str, device: str = "cpu") -> dict:
 
     task = BundleInferTask(str(Path(bundle).resolve()), conf={})
     if not task.is_valid():
-        raise SystemExit(f"MONAI Label refused the bundle {bundle}: it needs configs/inference.json and models/model.pt")
+        raise SystemExit(
+            f"MONAI Label refused the bundle {bundle}: it needs configs/inference.json and models/model.pt"
+        )
     label_file, params = task({"image": str(Path(image).resolve()), "device": device})
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     shutil.move(label_file, output)
-    return _result({"output": str(output), "labels": task.labels, "dimension": task.dimension,
-                    "model_choices": task.config().get("model_filename"), "label_names": params.get("label_names")})
+    return _result(
+        {
+            "output": str(output),
+            "labels": task.labels,
+            "dimension": task.dimension,
+            "model_choices": task.config().get("model_filename"),
+            "label_names": params.get("label_names"),
+        }
+    )
 
 
-def train(bundle: str, studies: str, max_epochs: int = 1, val_split: float = 0.2, device: str = "cpu",
-          name: str | None = None) -> dict:
+def train(
+    bundle: str, studies: str, max_epochs: int = 1, val_split: float = 0.2, device: str = "cpu", name: str | None = None
+) -> dict:
     """MONAI Label's ``BundleTrainTask`` on the labelled images of a local datastore (``studies/labels/final``).
 
     The labelled images come from the datastore; the unlabelled pool, from the bundle's own datalist
@@ -120,17 +134,27 @@ def train(bundle: str, studies: str, max_epochs: int = 1, val_split: float = 0.2
         raise SystemExit(f"MONAI Label refused the bundle {bundle}: it needs configs/train.json")
     model = bundle_path / "models" / "model.pt"
     before = model.stat().st_mtime_ns if model.exists() else None
-    request = {"model": name or bundle_path.name, "max_epochs": int(max_epochs), "val_split": float(val_split),
-               "device": device, "multi_gpu": False}
+    request = {
+        "model": name or bundle_path.name,
+        "max_epochs": int(max_epochs),
+        "val_split": float(val_split),
+        "device": device,
+        "multi_gpu": False,
+    }
     task(request, datastore)
 
     config = ConfigParser()
     config.read_config(str(bundle_path / "configs" / "train.json"))
     config["bundle_root"] = str(bundle_path)
     datalist = json.loads((Path(config.get_parsed_content("prepared_dir")) / "datalist.json").read_text())
-    return _result({"model": str(model) if model.exists() else None,
-                    "model_written": model.exists() and model.stat().st_mtime_ns != before,
-                    "datastore_labeled": len(labeled), "unlabeled_pool": len(datalist.get("unlabeled", []))})
+    return _result(
+        {
+            "model": str(model) if model.exists() else None,
+            "model_written": model.exists() and model.stat().st_mtime_ns != before,
+            "datastore_labeled": len(labeled),
+            "unlabeled_pool": len(datalist.get("unlabeled", [])),
+        }
+    )
 
 
 def _bundle_cli():
@@ -146,5 +170,9 @@ def _bundle_cli():
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    _bundle_cli().main({"export": export, "infer": infer, "train": train}, __doc__,
-                       prog="python scripts/monailabel_app.py", serialize=lambda _: None)
+    _bundle_cli().main(
+        {"export": export, "infer": infer, "train": train},
+        __doc__,
+        prog="python scripts/monailabel_app.py",
+        serialize=lambda _: None,
+    )

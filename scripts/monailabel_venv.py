@@ -35,8 +35,15 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["REQUIREMENTS", "build_venv", "ensure_venv", "installed_torch", "torch_install_steps", "venv_path",
-           "venv_python"]
+__all__ = [
+    "REQUIREMENTS",
+    "build_venv",
+    "ensure_venv",
+    "installed_torch",
+    "torch_install_steps",
+    "venv_path",
+    "venv_python",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +54,7 @@ BUILD_STEP_TIMEOUT_S = 3600
 TORCH_INDEX = "https://download.pytorch.org/whl/{build}"  # PyTorch's wheel index of one build: cpu, cu128, ...
 
 HOOK_MODULE = "fetal_us_torchvision_ops"
-HOOK_SOURCE = '''"""Declare torchvision::nms/qnms before torchvision loads (written by the bundle's scripts/monailabel_venv.py).
+HOOK_SOURCE = '''"""Declare torchvision::nms/qnms before torchvision loads (written by scripts/monailabel_venv.py).
 
 A CUDA torchvision wheel beside a CPU torch cannot load its C++ ops, and its import then fails where it registers fake
 kernels for these two operators; declaring their schemas lets the import (and torchvision.utils) work.
@@ -75,8 +82,10 @@ class _DeclareTorchvisionOps(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _DeclareTorchvisionOps())
 '''
 # what the server and the driver import (monailabel.interfaces.app pulls in the DICOM datastore and pydicom-seg)
-IMPORT_CHECK = ("import monailabel.interfaces.app, monailabel.tasks.infer.bundle, monailabel.tasks.train.bundle, "
-                "monailabel.datastore.local")
+IMPORT_CHECK = (
+    "import monailabel.interfaces.app, monailabel.tasks.infer.bundle, monailabel.tasks.train.bundle, "
+    "monailabel.datastore.local"
+)
 
 
 def installed_torch() -> str:
@@ -98,8 +107,11 @@ def torch_install_steps(torch_version: str) -> list[list[str]]:
     return [[f"torch=={torch_version}"], [f"torch=={torch_version}", "--index-url", TORCH_INDEX.format(build=build)]]
 
 
-def venv_path(requirements: str | os.PathLike = REQUIREMENTS, cache_dir: str | os.PathLike | None = None,
-              torch_version: str | None = None) -> Path:
+def venv_path(
+    requirements: str | os.PathLike = REQUIREMENTS,
+    cache_dir: str | os.PathLike | None = None,
+    torch_version: str | None = None,
+) -> Path:
     """Where the venv for ``requirements`` lives: ``<cache>/fetal-us-bundle/monailabel-0.8.5-<hash>``."""
     digest = hashlib.sha256(Path(requirements).read_bytes())
     digest.update((torch_version or installed_torch()).encode())
@@ -116,18 +128,25 @@ def venv_python(venv: str | os.PathLike) -> Path:
 
 def _torch_requirement(requirements: Path, torch_version: str) -> str:
     """The list's ``torch==`` pin, checked against ``torch_version`` (the same public version, no local label)."""
-    pins = [line.split("#")[0].strip() for line in requirements.read_text().splitlines()
-            if line.strip().startswith("torch==")]
+    pins = [
+        line.split("#")[0].strip()
+        for line in requirements.read_text().splitlines()
+        if line.strip().startswith("torch==")
+    ]
     if len(pins) != 1:
         raise ValueError(f"{requirements}: expected exactly one 'torch==' pin, found {len(pins)}")
     pinned = pins[0].removeprefix("torch==")
     if "+" in pinned:
-        raise ValueError(f"{requirements}: torch=={pinned} is a local build that public indexes do not serve; pin "
-                         f"torch=={pinned.partition('+')[0]} (the build follows this environment's torch)")
+        raise ValueError(
+            f"{requirements}: torch=={pinned} is a local build that public indexes do not serve; pin "
+            f"torch=={pinned.partition('+')[0]} (the build follows this environment's torch)"
+        )
     if pinned != torch_version.partition("+")[0]:
-        raise ValueError(f"{requirements} pins torch=={pinned} but this environment has torch {torch_version}: MONAI "
-                         f"Label's environment uses this environment's torch version; install torch=={pinned} here "
-                         "or re-freeze the list (see its header)")
+        raise ValueError(
+            f"{requirements} pins torch=={pinned} but this environment has torch {torch_version}: MONAI "
+            f"Label's environment uses this environment's torch version; install torch=={pinned} here "
+            "or re-freeze the list (see its header)"
+        )
     return pins[0]
 
 
@@ -145,8 +164,9 @@ def _run(cmd: list[str], log: Path, what: str, check: bool = True) -> bool:
             print(f"[monailabel venv] {what}: not found there (exit {done.returncode})", file=sys.stderr, flush=True)
             return False
         tail = "\n".join(log.read_text().splitlines()[-40:])
-        raise RuntimeError(f"building the MONAI Label venv failed at: {what} (exit {done.returncode}); "
-                           f"log {log}:\n{tail}")
+        raise RuntimeError(
+            f"building the MONAI Label venv failed at: {what} (exit {done.returncode}); log {log}:\n{tail}"
+        )
     print(f"[monailabel venv] {what}: done in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
     return True
 
@@ -192,12 +212,19 @@ def build_venv(target: Path, requirements: Path = REQUIREMENTS, torch_version: s
         constraints.write_text(f"torch=={torch_version}\n")  # the list's pin: same public version
         _run([*pip, "-r", str(requirements), "-c", str(constraints)], log, f"install {requirements.name}")
         if not _imports(python, "torchvision"):
-            site = Path(subprocess.check_output(
-                [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+            site = Path(
+                subprocess.check_output(
+                    [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+                ).strip()
+            )
             (site / f"{HOOK_MODULE}.py").write_text(HOOK_SOURCE)
             (site / f"{HOOK_MODULE}.pth").write_text(f"import {HOOK_MODULE}\n")
-            print("[monailabel venv] torchvision's C++ ops cannot load beside the CPU torch: start-up hook "
-                  f"{HOOK_MODULE}.pth added", file=sys.stderr, flush=True)
+            print(
+                "[monailabel venv] torchvision's C++ ops cannot load beside the CPU torch: start-up hook "
+                f"{HOOK_MODULE}.pth added",
+                file=sys.stderr,
+                flush=True,
+            )
         _run([str(python), "-m", "pip", "check"], log, "check the installed requirements")
         _run([str(python), "-c", IMPORT_CHECK], log, "check that MONAI Label's app and bundle tasks import")
         _relocate_scripts(tmp, tmp, target)
@@ -212,8 +239,9 @@ def build_venv(target: Path, requirements: Path = REQUIREMENTS, torch_version: s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"[monailabel venv] ready at {target} (built in {time.monotonic() - start:.0f} s)", file=sys.stderr,
-          flush=True)
+    print(
+        f"[monailabel venv] ready at {target} (built in {time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True
+    )
     return target
 
 

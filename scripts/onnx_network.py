@@ -20,14 +20,25 @@ from monai.utils import convert_to_dst_type
 from scripts.networks.common import check_image_batch
 from scripts.networks.unext import UNEXT_STRIDE
 
-__all__ = ["DYNAMIC_AXES", "ONNX_CONVERTER_KWARGS", "ONNX_EXPORT_COMMAND", "OnnxRuntimeNetwork", "export_onnx",
-           "onnx_session"]
+__all__ = [
+    "DYNAMIC_AXES",
+    "ONNX_CONVERTER_KWARGS",
+    "ONNX_EXPORT_COMMAND",
+    "OnnxRuntimeNetwork",
+    "export_onnx",
+    "onnx_session",
+]
 
 #: input and output named as in metadata.json's network_data_format; batch, height and width known only at run time
 DYNAMIC_AXES = {name: {0: "batch", 2: "height", 3: "width"} for name in ("image", "pred")}
 #: ``monai.networks.utils.convert_to_onnx`` arguments besides the model and its example input (``use_trace=True``)
-ONNX_CONVERTER_KWARGS = {"dynamo": False, "opset_version": 17, "input_names": ["image"], "output_names": ["pred"],
-                         "dynamic_axes": DYNAMIC_AXES}
+ONNX_CONVERTER_KWARGS = {
+    "dynamo": False,
+    "opset_version": 17,
+    "input_names": ["image"],
+    "output_names": ["pred"],
+    "dynamic_axes": DYNAMIC_AXES,
+}
 #: the bundle command that writes models/model.onnx from models/model.pt (run in the bundle root)
 ONNX_EXPORT_COMMAND = (
     "python -m monai.bundle onnx_export network_def --filepath models/model.onnx --ckpt_file models/model.pt "

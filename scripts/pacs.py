@@ -50,8 +50,20 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from scripts.biometry import parse_flags
 from scripts.files import image_stem, write_atomic, write_json_atomic
 
-__all__ = ["ENV_USER", "ENV_PASSWORD", "PacsError", "connect", "find_instances", "find_studies", "masked_url",
-           "inference_parser", "model_id", "read_credentials", "run", "run_inference"]
+__all__ = [
+    "ENV_USER",
+    "ENV_PASSWORD",
+    "PacsError",
+    "connect",
+    "find_instances",
+    "find_studies",
+    "masked_url",
+    "inference_parser",
+    "model_id",
+    "read_credentials",
+    "run",
+    "run_inference",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +81,7 @@ class PacsError(RuntimeError):
 
 
 # ---- credentials and connection ---------------------------------------------------------------------------------
+
 
 def masked_url(url: str) -> str:
     """``url`` with any user:password part replaced by ``***`` (for messages)."""
@@ -101,8 +114,9 @@ def read_credentials(credentials_file: str | os.PathLike | None = None) -> tuple
         else:
             user = password = None
         if not user or password is None:
-            raise PacsError(f"credentials file {path}: expected JSON {{\"user\": ..., \"password\": ...}} "
-                            "or one line user:password")
+            raise PacsError(
+                f'credentials file {path}: expected JSON {{"user": ..., "password": ...}} or one line user:password'
+            )
         return str(user), str(password)
     user, password = os.environ.get(ENV_USER), os.environ.get(ENV_PASSWORD)
     if bool(user) != (password is not None):
@@ -137,8 +151,10 @@ def connect(url: str, credentials: tuple[str, str] | None, timeout: float = TIME
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise PacsError(f"--url {masked_url(url)}: expected the DICOMweb root, e.g. https://pacs.example.org/dicom-web")
     if parts.username is not None or parts.password is not None:
-        raise PacsError(f"--url {masked_url(url)} carries credentials: give them through {ENV_USER} / "
-                        f"{ENV_PASSWORD} or --credentials_file instead")
+        raise PacsError(
+            f"--url {masked_url(url)} carries credentials: give them through {ENV_USER} / "
+            f"{ENV_PASSWORD} or --credentials_file instead"
+        )
     if not (float(timeout) > 0):
         raise PacsError(f"--timeout must be a positive number of seconds, got {timeout!r}")
     if int(retries) < 1:
@@ -147,8 +163,9 @@ def connect(url: str, credentials: tuple[str, str] | None, timeout: float = TIME
     if credentials is not None:
         session.auth = requests.auth.HTTPBasicAuth(*credentials)
         if parts.scheme == "http" and parts.hostname not in LOOPBACK:
-            logger.warning("%s is plain HTTP: the credentials cross the network unencrypted (use https)",
-                           masked_url(url))
+            logger.warning(
+                "%s is plain HTTP: the credentials cross the network unencrypted (use https)", masked_url(url)
+            )
     client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=float(timeout))
     client.set_http_retry_params(max_attempts=int(retries))
     return client
@@ -183,15 +200,20 @@ def _failure(error: BaseException, what: str, server: str, client=None) -> str |
     if isinstance(error, requests.HTTPError):
         code = error.response.status_code if error.response is not None else None
         if code in (401, 403):
-            return (f"{server} refused the credentials (HTTP {code}) for {what}{request}: check {ENV_USER} / "
-                    f"{ENV_PASSWORD} or --credentials_file")
+            return (
+                f"{server} refused the credentials (HTTP {code}) for {what}{request}: check {ENV_USER} / "
+                f"{ENV_PASSWORD} or --credentials_file"
+            )
         reason = getattr(error.response, "reason", "") or ""
         return f"{server}: {what}{request} failed: HTTP {code} {reason}".rstrip()
     if isinstance(error, RetryError):
         attempt = getattr(error, "last_attempt", None)
         response = getattr(attempt, "value", None)
-        answer = (f"HTTP {response.status_code} {response.reason or ''}".rstrip()
-                  if hasattr(response, "status_code") else str(response))
+        answer = (
+            f"HTTP {response.status_code} {response.reason or ''}".rstrip()
+            if hasattr(response, "status_code")
+            else str(response)
+        )
         attempts = getattr(attempt, "attempt_number", "?")
         return f"{server}: {what}{request} failed: {answer} on each of {attempts} attempts (--retries)"
     if isinstance(error, requests.Timeout):
@@ -241,8 +263,10 @@ def _search_all(search, key_tag: str, **kwargs) -> list[dict]:
 
 # ---- queries ----------------------------------------------------------------------------------------------------
 
-def find_studies(client, study_uid: str | None = None, date_from: Any = None, date_to: Any = None,
-                 modality: str = "US") -> list[str]:
+
+def find_studies(
+    client, study_uid: str | None = None, date_from: Any = None, date_to: Any = None, modality: str = "US"
+) -> list[str]:
     """StudyInstanceUIDs: ``study_uid`` if the PACS has it, else every study with StudyDate in [date_from, date_to]
     (YYYYMMDD, either end open) and ``modality`` among ModalitiesInStudy."""
     if study_uid:
@@ -254,40 +278,68 @@ def find_studies(client, study_uid: str | None = None, date_from: Any = None, da
         filters = {"StudyDate": f"{dates[0]}-{dates[1]}", "ModalitiesInStudy": modality}
     else:
         raise PacsError("name the studies: --study_uid UID, or --date_from YYYYMMDD and/or --date_to YYYYMMDD")
-    found = _pacs_call("the study search", client.base_url,
-                       lambda: _search_all(client.search_for_studies, STUDY_INSTANCE_UID, search_filters=filters),
-                       client)
+    found = _pacs_call(
+        "the study search",
+        client.base_url,
+        lambda: _search_all(client.search_for_studies, STUDY_INSTANCE_UID, search_filters=filters),
+        client,
+    )
     studies = sorted({_uid(s, STUDY_INSTANCE_UID) for s in found})
     if not studies:
-        raise PacsError(f"{masked_url(client.base_url)} has no study matching "
-                        + ", ".join(f"{k}={v}" for k, v in filters.items()))
+        raise PacsError(
+            f"{masked_url(client.base_url)} has no study matching " + ", ".join(f"{k}={v}" for k, v in filters.items())
+        )
     return studies
 
 
 def find_instances(client, study_uid: str, modality: str = "US") -> list[tuple[str, str]]:
     """[(SeriesInstanceUID, SOPInstanceUID)] of every instance in the study's series of ``modality``."""
-    series = _pacs_call(f"the series search of study {study_uid}", client.base_url, lambda: _search_all(
-        client.search_for_series, SERIES_INSTANCE_UID, study_instance_uid=study_uid,
-        search_filters={"Modality": modality}), client)
+    series = _pacs_call(
+        f"the series search of study {study_uid}",
+        client.base_url,
+        lambda: _search_all(
+            client.search_for_series,
+            SERIES_INSTANCE_UID,
+            study_instance_uid=study_uid,
+            search_filters={"Modality": modality},
+        ),
+        client,
+    )
     instances = []
     for series_uid in sorted({_uid(s, SERIES_INSTANCE_UID) for s in series}):
-        found = _pacs_call(f"the instance search of series {series_uid}", client.base_url,
-                           lambda: _search_all(client.search_for_instances, SOP_INSTANCE_UID,
-                                               study_instance_uid=study_uid, series_instance_uid=series_uid),
-                           client)
+        found = _pacs_call(
+            f"the instance search of series {series_uid}",
+            client.base_url,
+            lambda: _search_all(
+                client.search_for_instances,
+                SOP_INSTANCE_UID,
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid,
+            ),
+            client,
+        )
         instances += sorted((series_uid, _uid(i, SOP_INSTANCE_UID)) for i in found)
     return instances
 
 
 def is_stored(client, study_uid: str, sop_instance_uid: str) -> bool:
     """Whether QIDO finds an instance with this SOPInstanceUID in the study."""
-    found = _pacs_call(f"the search for instance {sop_instance_uid}", client.base_url, lambda: [
-        _uid(i, SOP_INSTANCE_UID) for i in client.search_for_instances(
-            study_instance_uid=study_uid, search_filters={"SOPInstanceUID": sop_instance_uid})], client)
+    found = _pacs_call(
+        f"the search for instance {sop_instance_uid}",
+        client.base_url,
+        lambda: [
+            _uid(i, SOP_INSTANCE_UID)
+            for i in client.search_for_instances(
+                study_instance_uid=study_uid, search_filters={"SOPInstanceUID": sop_instance_uid}
+            )
+        ],
+        client,
+    )
     return sop_instance_uid in found
 
 
 # ---- model and inference ----------------------------------------------------------------------------------------
+
 
 def model_id(bundle_root: str | os.PathLike) -> str:
     """First 16 hex digits of the SHA-256 of ``<bundle_root>/models/model.pt``."""
@@ -301,8 +353,9 @@ def model_id(bundle_root: str | os.PathLike) -> str:
     return digest.hexdigest()[:MODEL_ID_HEX]
 
 
-def inference_parser(bundle_root: str | os.PathLike, input_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                     items: list[dict]):
+def inference_parser(
+    bundle_root: str | os.PathLike, input_dir: str | os.PathLike, output_dir: str | os.PathLike, items: list[dict]
+):
     """``<bundle_root>/configs/inference.json`` as a ConfigParser with ``bundle_root``, ``input_dir``,
     ``output_dir`` and its ``datalist`` set to ``items`` (frames from :func:`scripts.data.dicom.export_frames`)."""
     from monai.bundle import ConfigParser
@@ -312,13 +365,19 @@ def inference_parser(bundle_root: str | os.PathLike, input_dir: str | os.PathLik
         sys.path.insert(0, str(root))  # the config imports `scripts`
     parser = ConfigParser()
     parser.read_config(str(root / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(root), "input_dir": str(input_dir), "output_dir": str(output_dir),
-                   "datalist": items})
+    parser.update(
+        {"bundle_root": str(root), "input_dir": str(input_dir), "output_dir": str(output_dir), "datalist": items}
+    )
     return parser
 
 
-def run_inference(bundle_root: str | os.PathLike, input_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                  items: list[dict], progress: bool = True) -> list[dict]:
+def run_inference(
+    bundle_root: str | os.PathLike,
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    items: list[dict],
+    progress: bool = True,
+) -> list[dict]:
     """Run the bundle's inference evaluator in this process on ``items``; returns the rows of
     ``<output_dir>/measurements.json`` (masks and overlays are beside it)."""
     parser = inference_parser(bundle_root, input_dir, output_dir, items)
@@ -339,6 +398,7 @@ def _select_frames(items: list[dict], frames: Any) -> list[dict]:
 
 # ---- the round trip ---------------------------------------------------------------------------------------------
 
+
 def _reason(error: BaseException | str) -> str:
     """The innermost cause (MONAI wraps a transform's error as "applying transform ...": the cause names the file)."""
     if isinstance(error, str):
@@ -354,8 +414,9 @@ def _fail(summary: dict, study: str, source: str, stage: str, error: BaseExcepti
     logger.error("%s: %s failed: %s", source, stage, reason)
 
 
-def _infer_all(bundle_root, study_dir: Path, sources: dict[str, list[dict]], summary: dict, study: str,
-               progress: bool) -> dict[str, dict]:
+def _infer_all(
+    bundle_root, study_dir: Path, sources: dict[str, list[dict]], summary: dict, study: str, progress: bool
+) -> dict[str, dict]:
     """Measurement rows by frame PNG name for every source that went through inference.
 
     One run over every frame of the study; should it fail (a frame the network cannot take: too small, unreadable),
@@ -372,8 +433,9 @@ def _infer_all(bundle_root, study_dir: Path, sources: dict[str, list[dict]], sum
     except Exception as error:  # noqa: BLE001 - which source failed is found by running them one at a time
         logger.warning("inference over the study failed (%s); running each instance on its own", _reason(error))
         rows = []
-        for sop, items in tqdm(list(sources.items()), desc="inference per instance", unit="instance",
-                               disable=not progress):
+        for sop, items in tqdm(
+            list(sources.items()), desc="inference per instance", unit="instance", disable=not progress
+        ):
             if not items:
                 continue
             try:
@@ -393,46 +455,86 @@ def _store(client, study: str, source: str, derived: Sequence[Path], summary: di
     new = []
     for path in derived:
         ds = pydicom.dcmread(str(path))
-        entry = {"study": study, "source": source, "sop_instance_uid": str(ds.SOPInstanceUID),
-                 "modality": str(ds.get("Modality", "")), "file": str(path)}
+        entry = {
+            "study": study,
+            "source": source,
+            "sop_instance_uid": str(ds.SOPInstanceUID),
+            "modality": str(ds.get("Modality", "")),
+            "file": str(path),
+        }
         if is_stored(client, str(ds.StudyInstanceUID), entry["sop_instance_uid"]):
             summary["skipped"].append({**entry, "reason": "already stored"})
         else:
             new.append((ds, entry))
     if not new:
         return
-    response = _pacs_call(f"the storage of {len(new)} object(s) into study {study}", client.base_url,
-                          lambda: client.store_instances([ds for ds, _ in new], study_instance_uid=study), client)
-    failed = {str(item.ReferencedSOPInstanceUID): int(getattr(item, "FailureReason", 0))
-              for item in getattr(response, "FailedSOPSequence", None) or []}
+    response = _pacs_call(
+        f"the storage of {len(new)} object(s) into study {study}",
+        client.base_url,
+        lambda: client.store_instances([ds for ds, _ in new], study_instance_uid=study),
+        client,
+    )
+    failed = {
+        str(item.ReferencedSOPInstanceUID): int(getattr(item, "FailureReason", 0))
+        for item in getattr(response, "FailedSOPSequence", None) or []
+    }
     for _, entry in new:
         if entry["sop_instance_uid"] in failed:
-            _fail(summary, study, source, "store",
-                  f"{entry['modality']} {entry['sop_instance_uid']} refused (failure reason "
-                  f"0x{failed[entry['sop_instance_uid']]:04X})")
+            _fail(
+                summary,
+                study,
+                source,
+                "store",
+                f"{entry['modality']} {entry['sop_instance_uid']} refused (failure reason "
+                f"0x{failed[entry['sop_instance_uid']]:04X})",
+            )
         else:
             summary["stored"].append(entry)
 
 
-def _withhold_flagged(measurements: dict[int, dict], study: str, source: str, summary: dict,
-                      store_flagged: bool) -> dict[int, dict]:
+def _withhold_flagged(
+    measurements: dict[int, dict], study: str, source: str, summary: dict, store_flagged: bool
+) -> dict[int, dict]:
     """The measurements (frame -> row) to put in the SR: a measurement with quality flags is left out and listed
     under ``summary["withheld"]``, unless ``store_flagged`` (then the SR carries it, marked by its flags)."""
     kept = {}
     for frame, row in measurements.items():
         flags = parse_flags(row.get("flags"))
         if flags and not store_flagged and row.get("circumference") not in (None, ""):
-            summary["withheld"].append({"study": study, "source": source, "frame": frame, "flags": flags,
-                                        "circumference": row.get("circumference"), "unit": row.get("unit")})
-            logger.warning("%s frame %d: measurement withheld from the SR (flags: %s; --store_flagged True stores "
-                           "it, marked)", source, frame, ", ".join(flags))
+            summary["withheld"].append(
+                {
+                    "study": study,
+                    "source": source,
+                    "frame": frame,
+                    "flags": flags,
+                    "circumference": row.get("circumference"),
+                    "unit": row.get("unit"),
+                }
+            )
+            logger.warning(
+                "%s frame %d: measurement withheld from the SR (flags: %s; --store_flagged True stores it, marked)",
+                source,
+                frame,
+                ", ".join(flags),
+            )
             continue
         kept[frame] = row
     return kept
 
 
-def _round_trip_study(client, study: str, work_dir: Path, bundle_root: Path, modality: str, structure: str,
-                      frames: Any, model: str, summary: dict, progress: bool, store_flagged: bool = False) -> None:
+def _round_trip_study(
+    client,
+    study: str,
+    work_dir: Path,
+    bundle_root: Path,
+    modality: str,
+    structure: str,
+    frames: Any,
+    model: str,
+    summary: dict,
+    progress: bool,
+    store_flagged: bool = False,
+) -> None:
     import pydicom
 
     from scripts.data.dicom import export_frames
@@ -451,8 +553,12 @@ def _round_trip_study(client, study: str, work_dir: Path, bundle_root: Path, mod
         path = input_dir / f"{sop}.dcm"
         if not path.is_file():
             try:
-                ds = _pacs_call(f"the retrieval of instance {sop}", client.base_url,
-                                lambda s=series, i=sop: client.retrieve_instance(study, s, i), client)
+                ds = _pacs_call(
+                    f"the retrieval of instance {sop}",
+                    client.base_url,
+                    lambda s=series, i=sop: client.retrieve_instance(study, s, i),
+                    client,
+                )
                 write_atomic(path, lambda f, d=ds: pydicom.dcmwrite(f, d, enforce_file_format=True), binary=True)
             except Exception as error:  # noqa: BLE001 - one instance does not stop the study
                 _fail(summary, study, sop, "retrieve", error)
@@ -481,8 +587,9 @@ def _round_trip_study(client, study: str, work_dir: Path, bundle_root: Path, mod
                 masks[item["frame"]] = np.asarray(Image.open(output_dir / f"{image_stem(png)}_mask.png"))
                 measurements[item["frame"]] = rows[png.name]
             measurements = _withhold_flagged(measurements, study, sop, summary, store_flagged)
-            derived = write_results(paths[sop], masks, measurements, derived_dir / sop, structure=structure,
-                                    model_id=model)
+            derived = write_results(
+                paths[sop], masks, measurements, derived_dir / sop, structure=structure, model_id=model
+            )
         except Exception as error:  # noqa: BLE001
             _fail(summary, study, sop, "encode", error)
             continue
@@ -493,21 +600,38 @@ def _round_trip_study(client, study: str, work_dir: Path, bundle_root: Path, mod
 
 
 def _print_summary(summary: dict) -> None:
-    lines = [f"PACS {summary['url']}: {len(summary['studies'])} studies, {summary['instances']} instances, "
-             f"stored {len(summary['stored'])}, skipped {len(summary['skipped'])} (already stored), "
-             f"withheld {len(summary.get('withheld', []))} (flagged measurements), failed {len(summary['failed'])}"]
+    lines = [
+        f"PACS {summary['url']}: {len(summary['studies'])} studies, {summary['instances']} instances, "
+        f"stored {len(summary['stored'])}, skipped {len(summary['skipped'])} (already stored), "
+        f"withheld {len(summary.get('withheld', []))} (flagged measurements), failed {len(summary['failed'])}"
+    ]
     lines += [f"  stored  {s['modality']:<4} {s['sop_instance_uid']}  <- {s['source']}" for s in summary["stored"]]
     lines += [f"  skipped {s['modality']:<4} {s['sop_instance_uid']}  ({s['reason']})" for s in summary["skipped"]]
-    lines += [f"  withheld SR  {w['source']} frame {w['frame']}: {', '.join(w['flags'])} (--store_flagged True "
-              "stores it, marked)" for w in summary.get("withheld", [])]
+    lines += [
+        f"  withheld SR  {w['source']} frame {w['frame']}: {', '.join(w['flags'])} (--store_flagged True "
+        "stores it, marked)"
+        for w in summary.get("withheld", [])
+    ]
     lines += [f"  FAILED  {f['source']}  [{f['stage']}] {f['reason']}" for f in summary["failed"]]
     print("\n".join(lines), flush=True)
 
 
-def run(url: str, study_uid: str | None = None, date_from: Any = None, date_to: Any = None, modality: str = "US",
-        work_dir: str = "eval/pacs", bundle_root: str = ".", structure: str = "head", frames: Any = "all",
-        credentials_file: str | None = None, progress: bool = True, timeout: float = TIMEOUT_S,
-        retries: int = RETRIES, store_flagged: bool = False) -> dict:
+def run(
+    url: str,
+    study_uid: str | None = None,
+    date_from: Any = None,
+    date_to: Any = None,
+    modality: str = "US",
+    work_dir: str = "eval/pacs",
+    bundle_root: str = ".",
+    structure: str = "head",
+    frames: Any = "all",
+    credentials_file: str | None = None,
+    progress: bool = True,
+    timeout: float = TIMEOUT_S,
+    retries: int = RETRIES,
+    store_flagged: bool = False,
+) -> dict:
     """Round trip for the studies named by ``study_uid`` or the StudyDate range; returns the summary
     ``{"url", "model_id", "studies", "instances", "stored": [...], "skipped": [...], "withheld": [...],
     "failed": [...]}`` (entries name study, source SOP instance, and the derived object, the withheld frame and its
@@ -522,13 +646,22 @@ def run(url: str, study_uid: str | None = None, date_from: Any = None, date_to: 
     work = Path(work_dir)
     model = model_id(root)
     client = connect(url, read_credentials(credentials_file), timeout=timeout, retries=retries)
-    summary: dict[str, Any] = {"url": masked_url(url), "model_id": model, "studies": [], "instances": 0,
-                               "stored": [], "skipped": [], "withheld": [], "failed": []}
+    summary: dict[str, Any] = {
+        "url": masked_url(url),
+        "model_id": model,
+        "studies": [],
+        "instances": 0,
+        "stored": [],
+        "skipped": [],
+        "withheld": [],
+        "failed": [],
+    }
     with logging_redirect_tqdm():
         summary["studies"] = find_studies(client, study_uid, date_from, date_to, modality)
         for study in summary["studies"]:
-            _round_trip_study(client, study, work, root, modality, structure, frames, model, summary, progress,
-                              bool(store_flagged))
+            _round_trip_study(
+                client, study, work, root, modality, structure, frames, model, summary, progress, bool(store_flagged)
+            )
     write_json_atomic(work / "summary.json", summary)
     _print_summary(summary)
     return summary
@@ -542,8 +675,14 @@ def main(argv: Iterable[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for chatty in ("dicomweb_client", "highdicom", "ignite.engine"):  # a line per request / copied module / epoch
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    summary = cli_main({"run": run}, __doc__, prog="python -m scripts.pacs", argv=argv,
-                       errors=(PacsError, *USER_ERRORS), serialize=lambda _: None)
+    summary = cli_main(
+        {"run": run},
+        __doc__,
+        prog="python -m scripts.pacs",
+        argv=argv,
+        errors=(PacsError, *USER_ERRORS),
+        serialize=lambda _: None,
+    )
     if isinstance(summary, dict) and summary["failed"]:
         raise SystemExit(1)
 

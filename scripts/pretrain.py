@@ -28,8 +28,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from monai.data import DataLoader, Dataset
-from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, RandFlipd, RandRotated,
-                              Resized, ScaleIntensityRanged)
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    RandFlipd,
+    RandRotated,
+    Resized,
+    ScaleIntensityRanged,
+)
 from torch import nn
 from tqdm import tqdm
 
@@ -65,8 +73,9 @@ class SimMIM(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         stride = swin.total_stride
-        self.head = nn.Sequential(nn.Conv2d(swin.norm.normalized_shape[0], stride**2 * swin.in_channels, 1),
-                                  nn.PixelShuffle(stride))
+        self.head = nn.Sequential(
+            nn.Conv2d(swin.norm.normalized_shape[0], stride**2 * swin.in_channels, 1), nn.PixelShuffle(stride)
+        )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) images; mask: (B, H/32, W/32) booleans, True = hidden. Mean L1 over hidden pixels."""
@@ -97,12 +106,26 @@ def _training_images(prepared_dir: Path) -> list[dict]:
     return items
 
 
-def pretrain(dataset_dir: str | None = None, prepared_dir: str = "data/prepared", output: str = "models/swin_simmim.pt",
-             iterations: int = 300, batch_size: int = 8, learning_rate: float = 5e-4, weight_decay: float = 0.05,
-             mask_ratio: float = 0.6, spatial_size: int = 224, in_channels: int = 3, seed: int = 0,
-             num_workers: int = 0, progress: bool = True, labeled_fraction: float = 0.25,
-             labeled_count: int | None = None, max_train_images: int | None = None, layout: str | None = None,
-             pixel_size_mm: float | None = None) -> str:
+def pretrain(
+    dataset_dir: str | None = None,
+    prepared_dir: str = "data/prepared",
+    output: str = "models/swin_simmim.pt",
+    iterations: int = 300,
+    batch_size: int = 8,
+    learning_rate: float = 5e-4,
+    weight_decay: float = 0.05,
+    mask_ratio: float = 0.6,
+    spatial_size: int = 224,
+    in_channels: int = 3,
+    seed: int = 0,
+    num_workers: int = 0,
+    progress: bool = True,
+    labeled_fraction: float = 0.25,
+    labeled_count: int | None = None,
+    max_train_images: int | None = None,
+    layout: str | None = None,
+    pixel_size_mm: float | None = None,
+) -> str:
     """Pretrain the Swin-Unet encoder by masked-image modelling on the split's training images; write ``output``.
 
     ``dataset_dir``: when given, the split is (re)made first with :func:`scripts.data.prepare_dataset` into
@@ -122,34 +145,60 @@ def pretrain(dataset_dir: str | None = None, prepared_dir: str = "data/prepared"
     if dataset_dir is not None:
         from scripts.data import prepare_dataset
 
-        prepare_dataset(dataset_dir, prepared, seed=seed, generate_phantom_if_empty=False,
-                        labeled_fraction=labeled_fraction, labeled_count=labeled_count,
-                        max_train_images=max_train_images, layout=layout, pixel_size_mm=pixel_size_mm)
+        prepare_dataset(
+            dataset_dir,
+            prepared,
+            seed=seed,
+            generate_phantom_if_empty=False,
+            labeled_fraction=labeled_fraction,
+            labeled_count=labeled_count,
+            max_train_images=max_train_images,
+            layout=layout,
+            pixel_size_mm=pixel_size_mm,
+        )
     else:
-        split = {"labeled_count": labeled_count, "max_train_images": max_train_images, "layout": layout,
-                 "pixel_size_mm": pixel_size_mm}
+        split = {
+            "labeled_count": labeled_count,
+            "max_train_images": max_train_images,
+            "layout": layout,
+            "pixel_size_mm": pixel_size_mm,
+        }
         if any(value is not None for value in split.values()):
             raise ValueError(f"split options {sorted(k for k, v in split.items() if v is not None)} need --dataset_dir")
     items = _training_images(prepared)
     torch.manual_seed(seed)
-    transform = Compose([
-        LoadImaged("image", image_only=True), EnsureChannelFirstd("image"),
-        ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
-        Resized("image", (spatial_size, spatial_size), mode="bilinear", anti_aliasing=True),
-        RandRotated("image", range_x=0.35, prob=0.5, padding_mode="zeros"), RandFlipd("image", prob=0.5, spatial_axis=0),
-        AsChannelsd("image", channels=in_channels), EnsureTyped("image", dtype=torch.float32, track_meta=False),
-    ])
+    transform = Compose(
+        [
+            LoadImaged("image", image_only=True),
+            EnsureChannelFirstd("image"),
+            ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
+            Resized("image", (spatial_size, spatial_size), mode="bilinear", anti_aliasing=True),
+            RandRotated("image", range_x=0.35, prob=0.5, padding_mode="zeros"),
+            RandFlipd("image", prob=0.5, spatial_axis=0),
+            AsChannelsd("image", channels=in_channels),
+            EnsureTyped("image", dtype=torch.float32, track_meta=False),
+        ]
+    )
     transform.set_random_state(seed=seed)
-    loader = DataLoader(Dataset(items, transform), batch_size=min(batch_size, len(items)), shuffle=True,
-                        drop_last=True, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        Dataset(items, transform),
+        batch_size=min(batch_size, len(items)),
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
     model = SimMIM(SwinUnet(in_channels=in_channels, out_channels=2, img_size=spatial_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     warmup = max(1, iterations // 10)
-    schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [
-        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, iterations - warmup)),
-    ], milestones=[warmup])
+    schedule = torch.optim.lr_scheduler.SequentialLR(
+        optimizer,
+        [
+            torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, iterations - warmup)),
+        ],
+        milestones=[warmup],
+    )
     masks = torch.Generator().manual_seed(seed)
     grid = (spatial_size // MASK_PATCH, spatial_size // MASK_PATCH)
     history = []
@@ -171,14 +220,30 @@ def pretrain(dataset_dir: str | None = None, prepared_dir: str = "data/prepared"
                 break
     bar.close()
     seconds = time.perf_counter() - start
-    checkpoint = {"model": model.encoder_state(),
-                  "simmim": {"iterations": iterations, "batch_size": batch_size, "mask_ratio": mask_ratio,
-                             "spatial_size": spatial_size, "images": len(items), "seconds": round(seconds, 1),
-                             "l1_first": history[0], "l1_last": history[-1],
-                             "l1_last10_mean": sum(history[-10:]) / len(history[-10:])}}
+    checkpoint = {
+        "model": model.encoder_state(),
+        "simmim": {
+            "iterations": iterations,
+            "batch_size": batch_size,
+            "mask_ratio": mask_ratio,
+            "spatial_size": spatial_size,
+            "images": len(items),
+            "seconds": round(seconds, 1),
+            "l1_first": history[0],
+            "l1_last": history[-1],
+            "l1_last10_mean": sum(history[-10:]) / len(history[-10:]),
+        },
+    }
     write_atomic(output, lambda f: torch.save(checkpoint, f), binary=True)
-    logger.info("SimMIM: %d iterations on %d images in %.0f s, L1 %.4f -> %.4f; encoder written to %s",
-                iterations, len(items), seconds, history[0], history[-1], output)
+    logger.info(
+        "SimMIM: %d iterations on %d images in %.0f s, L1 %.4f -> %.4f; encoder written to %s",
+        iterations,
+        len(items),
+        seconds,
+        history[0],
+        history[-1],
+        output,
+    )
     return str(output)
 
 

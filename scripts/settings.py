@@ -14,8 +14,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["bf16_autocast_supported", "check_training_settings", "find_resume_checkpoint", "keep_freed_memory",
-           "require_file"]
+__all__ = [
+    "bf16_autocast_supported",
+    "check_training_settings",
+    "find_resume_checkpoint",
+    "keep_freed_memory",
+    "require_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +67,11 @@ def check_training_settings(
     if int(unlabeled_batch_size) < 0:
         _fail("unlabeled_batch_size", unlabeled_batch_size, ">= 0")
     if weights.get("ict_weight", 0) > 0 and (unlabeled_batch_size < 2 or unlabeled_batch_size % 2):
-        _fail("unlabeled_batch_size", unlabeled_batch_size, "ICT mixes two halves: use an even number >= 2 or ict_weight=0")
+        _fail(
+            "unlabeled_batch_size",
+            unlabeled_batch_size,
+            "ICT mixes two halves: use an even number >= 2 or ict_weight=0",
+        )
     if int(num_classes) < 2:
         _fail("num_classes", num_classes, "at least 2 (background + one structure)")
     if len(class_names) != num_classes:
@@ -97,8 +106,12 @@ def load_datalist(path: str, num_classes: int) -> dict:
                     item.setdefault(name, unknown)
     found = int(datalist.get("meta", {}).get("num_classes", 2))
     if found > int(num_classes):
-        _fail("num_classes", num_classes, f"{path} holds labels of {found} classes (background included): set "
-              f"--num_classes {found} and --class_names with {found} names")
+        _fail(
+            "num_classes",
+            num_classes,
+            f"{path} holds labels of {found} classes (background included): set "
+            f"--num_classes {found} and --class_names with {found} names",
+        )
     return datalist
 
 
@@ -110,8 +123,11 @@ def find_resume_checkpoint(checkpoint_dir: str) -> str:
     """
     from scripts.checkpoints import checkpoint_damage, checkpoint_epoch
 
-    found = sorted(Path(checkpoint_dir).glob("resume_*.pt"),
-                   key=lambda p: (checkpoint_epoch(p) or -1, p.stat().st_mtime), reverse=True)
+    found = sorted(
+        Path(checkpoint_dir).glob("resume_*.pt"),
+        key=lambda p: (checkpoint_epoch(p) or -1, p.stat().st_mtime),
+        reverse=True,
+    )
     if not found:
         raise FileNotFoundError(
             f"resume=true but {checkpoint_dir} holds no resume_*.pt checkpoint; train once without --resume first"
@@ -162,8 +178,11 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     done = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
-    logger.info("glibc malloc: large blocks from the heap, freed memory kept for reuse" if done
-                else "glibc malloc: mallopt refused the settings; left as they are")
+    logger.info(
+        "glibc malloc: large blocks from the heap, freed memory kept for reuse"
+        if done
+        else "glibc malloc: mallopt refused the settings; left as they are"
+    )
     return done
 
 

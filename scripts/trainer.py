@@ -24,12 +24,33 @@ from torch.utils.data import DataLoader, DistributedSampler
 from scripts.losses import sigmoid_rampup_weight
 from scripts.terms import EmaTeacher, Predictions, UnsupervisedTerm
 
-__all__ = ["SemiSupervisedLoader", "DualNetworkTrainer", "MixedPrecision", "TrainingProgressBar", "loss_terms",
-           "run_iterations", "unwrap"]
+__all__ = [
+    "SemiSupervisedLoader",
+    "DualNetworkTrainer",
+    "MixedPrecision",
+    "TrainingProgressBar",
+    "loss_terms",
+    "run_iterations",
+    "unwrap",
+]
 
 # keys of engine.state.output besides MONAI's image/label/pred/loss
-LOSS_TERMS = ("sup_a", "sup_b", "cps_a", "cps_b", "ict", "mt", "kl", "mig", "divergence",
-              "w_cps", "w_ict", "w_mt", "w_div", "lr")
+LOSS_TERMS = (
+    "sup_a",
+    "sup_b",
+    "cps_a",
+    "cps_b",
+    "ict",
+    "mt",
+    "kl",
+    "mig",
+    "divergence",
+    "w_cps",
+    "w_ict",
+    "w_mt",
+    "w_div",
+    "lr",
+)
 
 
 def unwrap(network: torch.nn.Module | None) -> torch.nn.Module | None:
@@ -72,8 +93,10 @@ class SemiSupervisedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != set(self.loaders):
-            raise ValueError(f"the checkpoint's data order covers {sorted(state)}, this run's loaders are "
-                             f"{sorted(self.loaders)}: resume with the configuration the checkpoint was trained with")
+            raise ValueError(
+                f"the checkpoint's data order covers {sorted(state)}, this run's loaders are "
+                f"{sorted(self.loaders)}: resume with the configuration the checkpoint was trained with"
+            )
         self._resume = {name: dict(progress) for name, progress in state.items()}
         self.progress = {name: dict(progress) for name, progress in state.items()}
 
@@ -87,8 +110,10 @@ class SemiSupervisedLoader:
 
         progress, resume = self.progress[name], self._resume.pop(name, None)
         if resume is None or resume["start"] is None:
-            progress["start"] = {"generator": self._generator(loader).get_state(),
-                                 "transforms": transform_random_states(loader.dataset)}
+            progress["start"] = {
+                "generator": self._generator(loader).get_state(),
+                "transforms": transform_random_states(loader.dataset),
+            }
             progress["position"] = 0
             return iter(loader)
         generators = RandomGeneratorState()
@@ -227,8 +252,15 @@ class DualNetworkTrainer(Trainer):
         amp_dtype: str = "bfloat16",
         forward_unlabeled: bool = False,
     ) -> None:
-        super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
-                         epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, decollate=False)
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            handlers=train_handlers,
+            decollate=False,
+        )
         self.precision = MixedPrecision(device, amp, amp_dtype)
         if (network_b is None) != (optimizer_b is None):
             raise ValueError("network_b and optimizer_b must be given together")
@@ -249,11 +281,16 @@ class DualNetworkTrainer(Trainer):
         for term in used:
             needs_b = term.needs_network_b or (term.needs_teacher and self.ema_teacher.student == "b")
             if needs_b and network_b is None:
-                raise ValueError(f"{term.name}_weight={term.weight} needs a second network: set network_b or set "
-                                 f"{term.name}_weight to 0")
+                raise ValueError(
+                    f"{term.name}_weight={term.weight} needs a second network: set network_b or set "
+                    f"{term.name}_weight to 0"
+                )
         # the EMA teacher of the student, kept only when a term uses it; DDP: the teacher copies the wrapped module
-        self.teacher = (self.ema_teacher.follow(unwrap(self.students[self.ema_teacher.student]))
-                        if self.ema_teacher is not None else None)
+        self.teacher = (
+            self.ema_teacher.follow(unwrap(self.students[self.ema_teacher.student]))
+            if self.ema_teacher is not None
+            else None
+        )
         self.uses_unlabeled = forward_unlabeled or bool(used)
 
         self.add_event_handler(Events.STARTED, lambda engine: engine.logger.info(engine.describe_terms()))
@@ -298,8 +335,10 @@ class DualNetworkTrainer(Trainer):
         for term in self.terms:
             if term.weight > 0:
                 start = f", from iteration {term.start_iteration}" if term.start_iteration else ""
-                described.append(f"{term.label} (weight {term.weight:g}, ramped to full by iteration {full}"
-                                 f"{start}; {at_end[term.weight_key]:.2f} at the last iteration)")
+                described.append(
+                    f"{term.label} (weight {term.weight:g}, ramped to full by iteration {full}"
+                    f"{start}; {at_end[term.weight_key]:.2f} at the last iteration)"
+                )
         if self.forward_unlabeled and len(described) == 1:
             described.append("unlabelled rows pass through the forward (batch-norm statistics), no loss on them")
         return "loss terms: " + "; ".join(described)
@@ -312,8 +351,10 @@ class DualNetworkTrainer(Trainer):
     def unsupervised_weights(self, iteration: int) -> dict[str, float]:
         """Every term's ramped weight (w_cps, w_ict, ...) at 0-based iteration t."""
         interval = self.rampup_interval()
-        return {term.weight_key: sigmoid_rampup_weight(iteration, term.weight, self.rampup_length, interval)
-                for term in self.terms}
+        return {
+            term.weight_key: sigmoid_rampup_weight(iteration, term.weight, self.rampup_length, interval)
+            for term in self.terms
+        }
 
     def _to_device(self, batch: dict, key: str) -> torch.Tensor:
         return batch[key].to(self.state.device, non_blocking=self.non_blocking)

@@ -42,7 +42,8 @@ class ArgMaxd(MapTransform):
 
 
 class AsChannelsd(MapTransform):
-    """Give a channel-first image exactly ``channels`` channels: grey is repeated, RGBA loses alpha, RGB -> grey averages.
+    """Give a channel-first image exactly ``channels`` channels: grey is repeated, RGBA loses alpha, RGB -> grey
+    averages.
 
     Ultrasound is grey but the paper's networks take 3 channels; PACS exports are often RGB.
     """
@@ -63,7 +64,9 @@ class AsChannelsd(MapTransform):
             if c == 2:
                 img, c = img[:1], 1
             if c not in (1, 3):
-                raise ValueError(f"{source_name(d, key)}: expected 1, 3 or 4 channels, got {c} (shape {tuple(img.shape)})")
+                raise ValueError(
+                    f"{source_name(d, key)}: expected 1, 3 or 4 channels, got {c} (shape {tuple(img.shape)})"
+                )
             if c != self.channels:
                 img = img.repeat(3, *([1] * (img.ndim - 1))) if c == 1 else img.mean(dim=0, keepdim=True)
             d[key] = img
@@ -86,11 +89,13 @@ class CheckLabelRanged(MapTransform):
             if bad.numel():
                 shown = ", ".join(f"{v:g}" for v in bad[:8].tolist())
                 raise ValueError(
-                    f"{source_name(d, key)}: label values {{{shown}}} are outside the class range 0..{self.num_classes - 1}"
-                    " (a mask must hold class indices; HC18 outlines must be filled by `python -m scripts.data prepare`)"
+                    f"{source_name(d, key)}: label values {{{shown}}} are outside the class range 0..{self.num_classes - 1}"  # noqa: E501
+                    " (a mask must hold class indices; HC18 outlines must be filled by `python -m scripts.data prepare`)"  # noqa: E501
                 )
             if label.shape[0] != 1:
-                raise ValueError(f"{source_name(d, key)}: a label must have one channel, got shape {tuple(label.shape)}")
+                raise ValueError(
+                    f"{source_name(d, key)}: a label must have one channel, got shape {tuple(label.shape)}"
+                )
         return d
 
 
@@ -107,6 +112,6 @@ class CheckMinSized(MapTransform):
             size = tuple(d[key].shape[1:])
             if any(s < m for s, m in zip(size, self.min_size)):
                 raise ValueError(
-                    f"{source_name(d, key)}: image size {size} is smaller than the minimum {self.min_size} for this network"
+                    f"{source_name(d, key)}: image size {size} is smaller than the minimum {self.min_size} for this network"  # noqa: E501
                 )
         return d

@@ -5,8 +5,17 @@ from scripts.benchmark import pipeline_report
 
 
 def test_pipeline_report_on_three_phantom_images(tmp_path):
-    report = pipeline_report(tmp_path, n_images=3, runs=1, input_dir=None, model=None, batch_size=2, num_workers=1,
-                             writer_threads=1, stage_images=2)
+    report = pipeline_report(
+        tmp_path,
+        n_images=3,
+        runs=1,
+        input_dir=None,
+        model=None,
+        batch_size=2,
+        num_workers=1,
+        writer_threads=1,
+        stage_images=2,
+    )
     assert report["n_images"] == 3 and report["image_size"] == (800, 540) and report["spatial_size"] == (224, 224)
     assert (report["batch_size"], report["num_workers"], report["writer_threads"]) == (2, 1, 1)
     assert len(list((tmp_path / "out").glob("*_mask.png"))) == 3

@@ -94,8 +94,10 @@ CX, CY, A, B, THETA, SPACING = 80.0, 54.0, 40.0, 30.0, 0.5, (0.2, 0.2)
 
 
 def boundary_point(phi):
-    return (CX + A * math.cos(phi) * math.cos(THETA) - B * math.sin(phi) * math.sin(THETA),
-            CY + A * math.cos(phi) * math.sin(THETA) + B * math.sin(phi) * math.cos(THETA))
+    return (
+        CX + A * math.cos(phi) * math.cos(THETA) - B * math.sin(phi) * math.sin(THETA),
+        CY + A * math.cos(phi) * math.sin(THETA) + B * math.sin(phi) * math.cos(THETA),
+    )
 
 
 def grid():
@@ -206,7 +208,11 @@ def test_sector_hull_matches_scikit_image_convex_hull_image():
 
     image, inside = fan()
     rng = np.random.default_rng(1)
-    for region in (inside, inside & (rng.random(inside.shape) > 0.3), draw_ellipse(inside.shape, 200, 150, 60, 30, 0.5)):
+    for region in (
+        inside,
+        inside & (rng.random(inside.shape) > 0.3),
+        draw_ellipse(inside.shape, 200, 150, 60, 30, 0.5),
+    ):
         expected, hull = convex_hull_image(region), _convex_hull(region)
         edge_band = ndimage.binary_dilation(expected, iterations=2) & ~ndimage.binary_erosion(expected, iterations=2)
         differ = expected != hull

@@ -1,4 +1,4 @@
-"""The bundle as users run it: metadata, the MONAI bundle commands, and train -> resume -> evaluate -> infer end to end."""
+"""The bundle as users run it: metadata, the MONAI bundle commands, train -> resume -> evaluate -> infer end to end."""
 
 import csv
 import json
@@ -29,9 +29,10 @@ def bundle(*args, check=True):
 
 def test_top_level_metadata_is_the_configs_file():
     top = ROOT / "metadata.json"
-    assert top.resolve() == (ROOT / "configs" / "metadata.json").resolve() or top.read_bytes() == (
-        ROOT / "configs" / "metadata.json"
-    ).read_bytes()
+    assert (
+        top.resolve() == (ROOT / "configs" / "metadata.json").resolve()
+        or top.read_bytes() == (ROOT / "configs" / "metadata.json").read_bytes()
+    )
 
 
 @pytest.mark.slow
@@ -47,8 +48,14 @@ def test_metadata_matches_the_schema():
 
 @pytest.mark.slow
 def test_verify_net_in_out():
-    out = bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-                 "--config_file", "configs/inference.json")
+    out = bundle(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+    )
     assert "verified with no error" in out.stdout + out.stderr
 
 
@@ -56,8 +63,18 @@ def test_verify_net_in_out():
 def test_train_resume_evaluate_infer_export(tmp_path):
     root = str(tmp_path)
     # 1. train from nothing: the phantom is generated, 4 iterations, validation every 2
-    out = bundle("run", "--config_file", "configs/train.json", "--bundle_root", root, *TINY,
-                 "--total_iterations", "4", "--val_interval", "2")
+    out = bundle(
+        "run",
+        "--config_file",
+        "configs/train.json",
+        "--bundle_root",
+        root,
+        *TINY,
+        "--total_iterations",
+        "4",
+        "--val_interval",
+        "2",
+    )
     log = out.stdout + out.stderr
     assert "val_mean_dice" in log and "val_hd95_px" in log and "val_asd_px" in log
     assert (tmp_path / "data" / "phantom" / "training_set_pixel_size_and_HC.csv").exists()
@@ -67,13 +84,33 @@ def test_train_resume_evaluate_infer_export(tmp_path):
     resume = sorted((tmp_path / "eval" / "checkpoints").glob("resume_*.pt"))
     assert [p.name for p in resume] == ["resume_checkpoint_epoch=1.pt", "resume_checkpoint_epoch=2.pt"]  # n_saved 2
     state = torch.load(resume[-1], weights_only=True)
-    assert {"unext", "network_b", "teacher", "optimizer_a", "optimizer_b", "trainer", "data_order",
-            "random_generators"} <= set(state)
+    assert {
+        "unext",
+        "network_b",
+        "teacher",
+        "optimizer_a",
+        "optimizer_b",
+        "trainer",
+        "data_order",
+        "random_generators",
+    } <= set(state)
     assert state["trainer"]["iteration"] == 4
 
     # 2. resume to 6 iterations: the run starts at iteration 5
-    out = bundle("run", "--config_file", "configs/train.json", "--bundle_root", root, *TINY,
-                 "--total_iterations", "6", "--val_interval", "2", "--resume", "True")
+    out = bundle(
+        "run",
+        "--config_file",
+        "configs/train.json",
+        "--bundle_root",
+        root,
+        *TINY,
+        "--total_iterations",
+        "6",
+        "--val_interval",
+        "2",
+        "--resume",
+        "True",
+    )
     log = out.stdout + out.stderr
     assert "resuming from" in log and "Epoch: 3/3" in log and "Epoch: 1/3" not in log
 
@@ -93,7 +130,8 @@ def test_train_resume_evaluate_infer_export(tmp_path):
         assert float(row["circumference_ref_mm"]) == pytest.approx(hc[Path(row["filename"]).name], rel=1e-6)
         if row["circumference_mm"]:
             assert float(row["circumference_abs_error_mm"]) == pytest.approx(
-                abs(float(row["circumference_mm"]) - float(row["circumference_ref_mm"])), rel=1e-6)
+                abs(float(row["circumference_mm"]) - float(row["circumference_ref_mm"])), rel=1e-6
+            )
 
     # 4. inference on a folder: a non-square grey PNG and an RGB JPEG; masks at each input's own size
     images = tmp_path / "in"
@@ -104,8 +142,19 @@ def test_train_resume_evaluate_infer_export(tmp_path):
     # NIfTI through MONAI's reader: array axes are (x, y), so the mask PNG is 100 wide and 70 high
     nib.save(nib.Nifti1Image(rng.integers(0, 255, (100, 70)).astype(np.uint8), np.eye(4)), images / "scan_c.nii.gz")
     out_dir = tmp_path / "pred"
-    bundle("run", "--config_file", "configs/inference.json", "--bundle_root", root,
-           "--input_dir", str(images), "--output_dir", str(out_dir), "--pixel_size_mm", "0.2")
+    bundle(
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        root,
+        "--input_dir",
+        str(images),
+        "--output_dir",
+        str(out_dir),
+        "--pixel_size_mm",
+        "0.2",
+    )
     with open(out_dir / "measurements.csv") as f:
         measured = list(csv.DictReader(f))
     assert [m["filename"] for m in measured] == ["scan_a.png", "scan_b.jpg", "scan_c.nii.gz"]
@@ -121,13 +170,27 @@ def test_train_resume_evaluate_infer_export(tmp_path):
 
     dicoms = tmp_path / "dicom"
     dicoms.mkdir()
-    frames = {"examples_rgb_color": (1, 320, 240), "examples_palette": (1, 800, 350), "examples_jpeg2k": (1, 640, 480),
-              "examples_ybr_color": (30, 320, 240), "ExplVR_BigEnd": (1, 80, 60)}
+    frames = {
+        "examples_rgb_color": (1, 320, 240),
+        "examples_palette": (1, 800, 350),
+        "examples_jpeg2k": (1, 640, 480),
+        "examples_ybr_color": (30, 320, 240),
+        "ExplVR_BigEnd": (1, 80, 60),
+    }
     for name in frames:
         (dicoms / f"{name}.dcm").write_bytes(Path(get_testdata_file(f"{name}.dcm")).read_bytes())
     dicom_out = tmp_path / "dicom_pred"
-    bundle("run", "--config_file", "configs/inference.json", "--bundle_root", root, "--input_dir", str(dicoms),
-           "--output_dir", str(dicom_out))
+    bundle(
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        root,
+        "--input_dir",
+        str(dicoms),
+        "--output_dir",
+        str(dicom_out),
+    )
     for name, (count, width, height) in frames.items():
         stems = [name] if count == 1 else [f"{name}_f{i:03d}" for i in range(count)]
         for stem in stems:
@@ -140,9 +203,22 @@ def test_train_resume_evaluate_infer_export(tmp_path):
 
     # 5. TorchScript export of the trained UNeXt matches eager
     ts = tmp_path / "models" / "model.ts"
-    bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(model),
-           "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--use_trace", "true",
-           "--input_shape", "[1, 3, 224, 224]")
+    bundle(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(ts),
+        "--ckpt_file",
+        str(model),
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--use_trace",
+        "true",
+        "--input_shape",
+        "[1, 3, 224, 224]",
+    )
     x = torch.rand(1, 3, 224, 224)
     net.eval()
     with torch.no_grad():
@@ -152,8 +228,16 @@ def test_train_resume_evaluate_infer_export(tmp_path):
 @pytest.mark.slow
 def test_missing_dataset_dir_is_one_clear_error(tmp_path):
     missing = tmp_path / "HC18_typo"
-    out = bundle("run", "--config_file", "configs/train.json", "--bundle_root", str(tmp_path),
-                 "--dataset_dir", str(missing), check=False)
+    out = bundle(
+        "run",
+        "--config_file",
+        "configs/train.json",
+        "--bundle_root",
+        str(tmp_path),
+        "--dataset_dir",
+        str(missing),
+        check=False,
+    )
     assert out.returncode != 0
     assert f"dataset_dir does not exist: {missing}" in out.stderr
     assert not missing.exists()  # no phantom is generated into a path the user typed
@@ -171,7 +255,9 @@ def test_paper_recipe_override_resolves(tmp_path):
     assert parser.get_parsed_content("spatial_size") == [448, 448]
     assert parser.get_parsed_content("total_iterations") == 400 * labeled
     assert parser.get_parsed_content("train#trainer#max_iterations") == 400 * labeled  # exactly, not rounded
-    assert parser.get_parsed_content("labeled_batch_size") == 1 and parser.get_parsed_content("unlabeled_batch_size") == 4
+    assert (
+        parser.get_parsed_content("labeled_batch_size") == 1 and parser.get_parsed_content("unlabeled_batch_size") == 4
+    )
     assert parser.get_parsed_content("learning_rate") == 0.001 and parser.get_parsed_content("amp") is False
     assert parser.get_parsed_content("best_model_after_iteration") == 200 * labeled
     # the ramp-up spans the whole run, as in the authors' schedule: r * L = 400 * labelled / batch
@@ -184,16 +270,35 @@ def test_inference_without_a_trained_model_is_one_clear_error(tmp_path):
     images = tmp_path / "in"
     images.mkdir()
     Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(images / "scan.png")
-    out = bundle("run", "--config_file", "configs/inference.json", "--bundle_root", str(tmp_path),
-                 "--input_dir", str(images), check=False)
+    out = bundle(
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        str(tmp_path),
+        "--input_dir",
+        str(images),
+        check=False,
+    )
     assert out.returncode != 0
     assert f"{tmp_path}/models/model.pt not found: the trained model" in out.stderr
 
 
 @pytest.mark.slow
 def test_a_misspelled_option_fails_before_any_file_is_written(tmp_path):
-    out = bundle("run", "--config_file", "configs/train.json", "--bundle_root", str(tmp_path), *TINY,
-                 "--labelled_fraction", "0.3", "--train#trainer#max_epoch", "2", check=False)
+    out = bundle(
+        "run",
+        "--config_file",
+        "configs/train.json",
+        "--bundle_root",
+        str(tmp_path),
+        *TINY,
+        "--labelled_fraction",
+        "0.3",
+        "--train#trainer#max_epoch",
+        "2",
+        check=False,
+    )
     assert out.returncode == 2
     assert "unknown option --labelled_fraction for configs/train.json: did you mean --labeled_fraction" in out.stderr
     assert "did you mean --train#trainer#max_epochs" in out.stderr and "Traceback" not in out.stderr

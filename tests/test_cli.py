@@ -30,24 +30,33 @@ def prepare(dataset_dir: str, prepared_dir: str, labeled_fraction: float = 0.25,
 
 # ---- the shared wrapper ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [
-    ["--dataset_dir", "d", "--prepared_dir", "p"],
-    ["d", "p", "0.5"],
-    ["--dataset_dir=d", "--prepared_dir", "p", "--noprogress"],
-    ["d", "--prepared_dir", "p", "--progress", "--labeled_fraction", "-1"],
-])
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--dataset_dir", "d", "--prepared_dir", "p"],
+        ["d", "p", "0.5"],
+        ["--dataset_dir=d", "--prepared_dir", "p", "--noprogress"],
+        ["d", "--prepared_dir", "p", "--progress", "--labeled_fraction", "-1"],
+    ],
+)
 def test_check_arguments_accepts_what_fire_accepts(args):
     check_arguments(prepare, args, "prepare")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dataset_dir", "d", "--prepared_dir", "p", "--labelled_fraction", "0.3"],
-     "unknown option --labelled_fraction for prepare: did you mean --labeled_fraction?"),
-    (["--dataset_dir", "d", "--prepared_dir", "p", "--zzz", "1"], "valid: --dataset_dir, --prepared_dir"),
-    (["d", "p", "0.5", "True", "surplus"], "unexpected value 'surplus'"),
-    (["--dataset_dir", "d"], "prepare needs --prepared_dir PREPARED_DIR"),
-    (["--dataset_dir", "--prepared_dir", "p"], "option --dataset_dir of prepare needs a value"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--dataset_dir", "d", "--prepared_dir", "p", "--labelled_fraction", "0.3"],
+            "unknown option --labelled_fraction for prepare: did you mean --labeled_fraction?",
+        ),
+        (["--dataset_dir", "d", "--prepared_dir", "p", "--zzz", "1"], "valid: --dataset_dir, --prepared_dir"),
+        (["d", "p", "0.5", "True", "surplus"], "unexpected value 'surplus'"),
+        (["--dataset_dir", "d"], "prepare needs --prepared_dir PREPARED_DIR"),
+        (["--dataset_dir", "--prepared_dir", "p"], "option --dataset_dir of prepare needs a value"),
+    ],
+)
 def test_check_arguments_refuses_with_the_option_named(args, message):
     with pytest.raises(UsageError) as error:
         check_arguments(prepare, args, "prepare")
@@ -56,8 +65,10 @@ def test_check_arguments_refuses_with_the_option_named(args, message):
 
 def test_main_runs_a_command_and_turns_a_users_error_into_one_line(capsys):
     commands = {"prepare": prepare}
-    assert main(commands, argv=["prepare", "d", "p", "--labeled_fraction", "0.5"], serialize=lambda _: None) == \
-        "d|p|0.5|True"
+    assert (
+        main(commands, argv=["prepare", "d", "p", "--labeled_fraction", "0.5"], serialize=lambda _: None)
+        == "d|p|0.5|True"
+    )
     with pytest.raises(SystemExit) as exit_:
         main(commands, argv=["prepare", "d", "p", "--labeled_fraction", "2"])
     assert exit_.value.code == 2
@@ -116,8 +127,9 @@ def test_every_command_has_real_help(target, command, option, doc, monkeypatch, 
 
 
 @pytest.mark.parametrize("target, command, option, doc", ENTRY_POINTS)
-def test_every_command_refuses_an_unknown_option_before_any_work(target, command, option, doc, monkeypatch, capsys,
-                                                                 tmp_path):
+def test_every_command_refuses_an_unknown_option_before_any_work(
+    target, command, option, doc, monkeypatch, capsys, tmp_path
+):
     monkeypatch.chdir(tmp_path)
     misspelled = option[:-1]  # --labeled_fractio, --fraction, --run, ...
     assert run_entry_point(target, [*command, misspelled, "1"], monkeypatch) == 2
@@ -133,19 +145,25 @@ def test_bare_pacs_prints_its_help_not_a_key_error(monkeypatch, capsys):
 
 def test_prepare_on_a_missing_folder_fails_and_creates_nothing(monkeypatch, capsys, tmp_path):
     missing, prepared = tmp_path / "HC18_typo", tmp_path / "prepared"
-    code = run_entry_point("scripts.data", ["prepare", "--dataset_dir", str(missing), "--prepared_dir", str(prepared)],
-                           monkeypatch)
+    code = run_entry_point(
+        "scripts.data", ["prepare", "--dataset_dir", str(missing), "--prepared_dir", str(prepared)], monkeypatch
+    )
     assert code == 2
-    assert capsys.readouterr().err == (f"error: dataset_dir does not exist: {missing} (leave dataset_dir at its "
-                                       "default to train on the phantom)\n")
+    assert capsys.readouterr().err == (
+        f"error: dataset_dir does not exist: {missing} (leave dataset_dir at its default to train on the phantom)\n"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_prepare_never_fills_a_named_empty_folder_with_a_phantom(monkeypatch, capsys, tmp_path):
     empty = tmp_path / "my_data"
     empty.mkdir()
-    assert run_entry_point("scripts.data", ["prepare", "--dataset_dir", str(empty), "--prepared_dir",
-                                            str(tmp_path / "p")], monkeypatch) == 2
+    assert (
+        run_entry_point(
+            "scripts.data", ["prepare", "--dataset_dir", str(empty), "--prepared_dir", str(tmp_path / "p")], monkeypatch
+        )
+        == 2
+    )
     assert "cannot recognise the dataset layout" in capsys.readouterr().err
     assert list(empty.iterdir()) == [] and not (tmp_path / "p").exists()
 
@@ -161,15 +179,21 @@ def test_one_default_labelled_fraction_everywhere():
 
 # ---- python -m monai.bundle run ----------------------------------------------------------------------------------
 
+
 def merged(*names: str) -> dict:
     return ConfigParser.load_config_files([str(ROOT / "configs" / n) for n in names])
 
 
 def test_unknown_bundle_options_names_the_key_and_the_closest_valid_ones():
     config = merged("train.json")
-    ok = ["labeled_fraction", "train#trainer#max_epochs", "train::trainer::max_epochs", "train#handlers#0#print_lr",
-          "network_def#drop_rate",  # not in the config, but an argument of its _target_ (UNeXt)
-          "validate#dataloader#pin_memory"]  # MONAI's DataLoader passes **kwargs on: any name is accepted
+    ok = [
+        "labeled_fraction",
+        "train#trainer#max_epochs",
+        "train::trainer::max_epochs",
+        "train#handlers#0#print_lr",
+        "network_def#drop_rate",  # not in the config, but an argument of its _target_ (UNeXt)
+        "validate#dataloader#pin_memory",
+    ]  # MONAI's DataLoader passes **kwargs on: any name is accepted
     assert unknown_bundle_options(config, ok) == []
     (top,) = unknown_bundle_options(config, ["labelled_fraction"], "configs/train.json")
     assert top.startswith("unknown option --labelled_fraction for configs/train.json: did you mean --labeled_fraction")
@@ -187,8 +211,11 @@ def bundle_argv(*args: str) -> list[str]:
 def test_bundle_command_line_check(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert check_bundle_command_line(bundle_argv("--bundle_root", "/tmp/x", "--total_iterations", "2"))
-    assert check_bundle_command_line(bundle_argv("--tracking", "mlflow", "--tracking_uri", "sqlite:////tmp/m.db",
-                                                 "--experiment_name", "e", "--run_name", "r"))
+    assert check_bundle_command_line(
+        bundle_argv(
+            "--tracking", "mlflow", "--tracking_uri", "sqlite:////tmp/m.db", "--experiment_name", "e", "--run_name", "r"
+        )
+    )
     assert check_bundle_command_line(["scripts/pacs.py", "run", "--labelled_fraction", "1"])  # not monai.bundle run
     with pytest.raises(SystemExit) as exit_:
         check_bundle_command_line(bundle_argv("--labelled_fraction", "0.3", "--run_name", "r"))  # no --tracking

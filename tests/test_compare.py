@@ -13,8 +13,12 @@ def fake_runner(calls):
     def runner(run_dir, method, fraction, seed, dataset_dir, overrides, **options):
         calls.append((method, fraction, seed))
         dice = {"supervised": 0.6, "full": 0.7, "fully_supervised": 0.0}[method] + 0.01 * seed + fraction
-        return {"mean": {"dice": dice, "hd95_mm": 10.0 - seed, "asd_mm": 2.0, "hd95_px": 40.0, "asd_px": 8.0 + seed},
-                "n_images": 5, "n_empty_predictions": 0, "wall_s": 1.0}
+        return {
+            "mean": {"dice": dice, "hd95_mm": 10.0 - seed, "asd_mm": 2.0, "hd95_px": 40.0, "asd_px": 8.0 + seed},
+            "n_images": 5,
+            "n_empty_predictions": 0,
+            "wall_s": 1.0,
+        }
 
     return runner
 
@@ -60,11 +64,17 @@ def test_rerun_skips_finished_runs(tmp_path):
 def test_upper_bound_runs_once_per_seed(tmp_path):
     calls = []
     results = run_all(str(tmp_path), ["supervised", "fully_supervised"], [0.05, 0.1], [0, 1], runner=fake_runner(calls))
-    assert sorted(c for c in calls if c[0] == "fully_supervised") == [("fully_supervised", 1.0, 0), ("fully_supervised", 1.0, 1)]
+    assert sorted(c for c in calls if c[0] == "fully_supervised") == [
+        ("fully_supervised", 1.0, 0),
+        ("fully_supervised", 1.0, 1),
+    ]
     assert len(calls) == 6 and len(results) == 6
     rows = summarise(results)
     assert [(r["method"], r["fraction"]) for r in rows] == [
-        ("supervised", 0.05), ("supervised", 0.1), ("fully_supervised", 1.0)]
+        ("supervised", 0.05),
+        ("supervised", 0.1),
+        ("fully_supervised", 1.0),
+    ]
 
 
 def test_parallel_workers_run_each_job_once(tmp_path):
@@ -73,7 +83,8 @@ def test_parallel_workers_run_each_job_once(tmp_path):
     assert sorted(calls) == sorted((m, f, s) for m in ("supervised", "full") for f in (0.05, 0.1) for s in (0, 1))
     # results come back in job order whatever order the workers finished in
     assert [(r["method"], r["fraction"], r["seed"]) for r in results] == [
-        (m, f, s) for f in (0.05, 0.1) for m in ("supervised", "full") for s in (0, 1)]
+        (m, f, s) for f in (0.05, 0.1) for m in ("supervised", "full") for s in (0, 1)
+    ]
     run_all(str(tmp_path), ["supervised", "full"], [0.05, 0.1], [0, 1], runner=fake_runner(calls), workers=3)
     assert len(calls) == 8
 
@@ -84,7 +95,9 @@ def test_missing_recipe_is_named(tmp_path):
 
 
 def test_table_lists_methods_in_the_documented_order():
-    results = [{"method": m, "fraction": 0.05, "seed": 0, "mean": {"dice": 0.5}} for m in ("full", "supervised", "no_ict")]
+    results = [
+        {"method": m, "fraction": 0.05, "seed": 0, "mean": {"dice": 0.5}} for m in ("full", "supervised", "no_ict")
+    ]
     assert [r["method"] for r in summarise(results)] == ["supervised", "no_ict", "full"]
 
 
@@ -92,11 +105,20 @@ def test_paired_differences_pair_seeds_and_labelled_counts(tmp_path):
     from scripts.compare import paired_differences, run_name, write_paired
 
     def result(method, seed, dice, hd):
-        return {"method": method, "fraction": "n25", "seed": seed,
-                "mean": {"dice": dice, "hd95_medpy_grid_px": hd, "asd_medpy_grid_px": 1.0, "hd95_mm": None}}
+        return {
+            "method": method,
+            "fraction": "n25",
+            "seed": seed,
+            "mean": {"dice": dice, "hd95_medpy_grid_px": hd, "asd_medpy_grid_px": 1.0, "hd95_mm": None},
+        }
 
-    results = [result("full", 0, 0.80, 10.0), result("supervised", 0, 0.75, 14.0),
-               result("full", 1, 0.70, 12.0), result("supervised", 1, 0.72, 11.0), result("full", 2, 0.9, 1.0)]
+    results = [
+        result("full", 0, 0.80, 10.0),
+        result("supervised", 0, 0.75, 14.0),
+        result("full", 1, 0.70, 12.0),
+        result("supervised", 1, 0.72, 11.0),
+        result("full", 2, 0.9, 1.0),
+    ]
     rows = paired_differences(results, "full", "supervised")
     assert [r["seed"] for r in rows] == [0, 1]  # seed 2 has no baseline run
     assert rows[0]["dice"] == pytest.approx(0.05) and rows[1]["dice"] == pytest.approx(-0.02)

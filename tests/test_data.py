@@ -196,8 +196,11 @@ def test_load_hc18_mask_names_the_file(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 def _items(num_subjects=60, seed=0):
     rng = np.random.default_rng(seed)
-    return [{"image": f"{s:03d}_{r}", "subject": f"{s:03d}"} for s in range(num_subjects)
-            for r in range(1 + int(rng.random() < 0.25))]
+    return [
+        {"image": f"{s:03d}_{r}", "subject": f"{s:03d}"}
+        for s in range(num_subjects)
+        for r in range(1 + int(rng.random() < 0.25))
+    ]
 
 
 def test_split_subjects_groups_covers_and_is_seeded():
@@ -262,8 +265,9 @@ def test_prepare_dataset_writes_filled_masks_and_datalist(phantom_dir, tmp_path)
 
 
 def test_prepare_dataset_accepts_the_training_folder_itself(phantom_dir, tmp_path):
-    path = prepare_dataset(phantom_dir / "training_set", tmp_path / "p", generate_phantom_if_empty=False,
-                           progress=False)
+    path = prepare_dataset(
+        phantom_dir / "training_set", tmp_path / "p", generate_phantom_if_empty=False, progress=False
+    )
     assert json.loads(Path(path).read_text())["meta"]["counts"]["test"] > 0
 
 
@@ -285,8 +289,9 @@ def test_prepare_dataset_layout_errors(tmp_path):
 
 def test_prepare_dataset_generates_a_phantom_when_empty(tmp_path):
     dataset = tmp_path / "new_dataset"
-    path = prepare_dataset(dataset, tmp_path / "prepared", phantom_subjects=6, phantom_image_size=(128, 96),
-                           progress=False)
+    path = prepare_dataset(
+        dataset, tmp_path / "prepared", phantom_subjects=6, phantom_image_size=(128, 96), progress=False
+    )
     assert (dataset / "training_set" / "000_HC.png").is_file() and (dataset / "phantom.json").is_file()
     datalist = json.loads(Path(path).read_text())
     assert datalist["meta"]["counts"]["labeled"] >= 1 and len({i["subject"] for i in datalist["test"]}) == 1

@@ -89,10 +89,14 @@ def test_bad_dicom_inputs_name_the_file(tmp_path, monkeypatch):
         read_ultrasound_dicom(text)
 
     def no_decoder(self):
-        raise RuntimeError("Unable to decompress 'JPEG Baseline (Process 1)' pixel data because all plugins are "
-                           "missing")
+        raise RuntimeError(
+            "Unable to decompress 'JPEG Baseline (Process 1)' pixel data because all plugins are missing"
+        )
 
     monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(no_decoder))
-    with pytest.raises(ValueError, match=r"examples_ybr_color\.dcm: cannot decode its pixel data \(JPEG Baseline"
-                                         r".*pylibjpeg"):
+    with pytest.raises(
+        ValueError,
+        match=r"examples_ybr_color\.dcm: cannot decode its pixel data \(JPEG Baseline"
+        r".*pylibjpeg",
+    ):
         read_ultrasound_dicom(get_testdata_file("examples_ybr_color.dcm"))

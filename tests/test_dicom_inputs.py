@@ -15,8 +15,13 @@ from pydicom.data import get_testdata_file
 
 from scripts.data.dicom import PIXEL_SIZE_RANGE_MM, read_ultrasound_dicom
 
-RGB, PALETTE, JPEG2K, CINE, BIG_ENDIAN = ("examples_rgb_color.dcm", "examples_palette.dcm", "examples_jpeg2k.dcm",
-                                          "examples_ybr_color.dcm", "ExplVR_BigEnd.dcm")
+RGB, PALETTE, JPEG2K, CINE, BIG_ENDIAN = (
+    "examples_rgb_color.dcm",
+    "examples_palette.dcm",
+    "examples_jpeg2k.dcm",
+    "examples_ybr_color.dcm",
+    "ExplVR_BigEnd.dcm",
+)
 SOURCES = [RGB, PALETTE, JPEG2K, CINE, BIG_ENDIAN]
 
 
@@ -57,8 +62,18 @@ def test_zero_byte_and_non_dicom_files(tmp_path):
     fails(raw(tmp_path, png, "picture.dcm"), "not a readable DICOM file")
 
 
-@pytest.mark.parametrize("keyword", ["Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
-                                     "BitsAllocated", "BitsStored", "PixelRepresentation"])
+@pytest.mark.parametrize(
+    "keyword",
+    [
+        "Rows",
+        "Columns",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "BitsAllocated",
+        "BitsStored",
+        "PixelRepresentation",
+    ],
+)
 def test_deleted_image_pixel_attribute(tmp_path, keyword):
     path = mutated(tmp_path, RGB, lambda ds: delattr(ds, keyword))
     fails(path, rf"the Image Pixel module lacks {keyword}: cannot lay out the pixels")
@@ -69,13 +84,16 @@ def test_deleted_planar_configuration_of_colour_data(tmp_path):
     fails(path, r"lacks PlanarConfiguration \(required for SamplesPerPixel 3\)")
 
 
-@pytest.mark.parametrize("keyword, value, message", [
-    ("BitsAllocated", 12, r"BitsAllocated is 12; expected one of \[1, 8, 16, 32\]"),
-    ("SamplesPerPixel", 2, r"SamplesPerPixel is 2; expected one of \[1, 3\]"),
-    ("BitsStored", 16, r"BitsStored 16 exceeds BitsAllocated 8"),
-    ("PhotometricInterpretation", "HSV", r"PhotometricInterpretation 'HSV' is not one of"),
-    ("Rows", 0, r"Rows is 0; expected >= 1"),
-])
+@pytest.mark.parametrize(
+    "keyword, value, message",
+    [
+        ("BitsAllocated", 12, r"BitsAllocated is 12; expected one of \[1, 8, 16, 32\]"),
+        ("SamplesPerPixel", 2, r"SamplesPerPixel is 2; expected one of \[1, 3\]"),
+        ("BitsStored", 16, r"BitsStored 16 exceeds BitsAllocated 8"),
+        ("PhotometricInterpretation", "HSV", r"PhotometricInterpretation 'HSV' is not one of"),
+        ("Rows", 0, r"Rows is 0; expected >= 1"),
+    ],
+)
 def test_wrong_image_pixel_values(tmp_path, keyword, value, message):
     fails(mutated(tmp_path, RGB, lambda ds: setattr(ds, keyword, value)), message)
 
@@ -116,24 +134,37 @@ def test_implausible_ultrasound_region_pixel_size(tmp_path, delta, shown):
         ds.SequenceOfUltrasoundRegions[0].PhysicalDeltaX = ds.SequenceOfUltrasoundRegions[0].PhysicalDeltaY = delta
 
     size = re.escape(f"{shown} x {shown}")
-    text = fails(mutated(tmp_path, PALETTE, deltas), rf"implausible physical pixel size {size} mm from "
-                 r"SequenceOfUltrasoundRegions")
+    text = fails(
+        mutated(tmp_path, PALETTE, deltas),
+        rf"implausible physical pixel size {size} mm from "
+        r"SequenceOfUltrasoundRegions",
+    )
     assert f"{PIXEL_SIZE_RANGE_MM[0]:g}-{PIXEL_SIZE_RANGE_MM[1]:g} mm" in text
 
 
 def test_implausible_pixel_spacing(tmp_path):
-    fails(mutated(tmp_path, RGB, lambda ds: setattr(ds, "PixelSpacing", [0, 0])),
-          r"implausible physical pixel size 0 x 0 mm from PixelSpacing")
-    fails(mutated(tmp_path, RGB, lambda ds: setattr(ds, "PixelSpacing", ["nan", "0.2"]), "nan.dcm"),
-          r"implausible physical pixel size 0.2 x nan mm from PixelSpacing")
+    fails(
+        mutated(tmp_path, RGB, lambda ds: setattr(ds, "PixelSpacing", [0, 0])),
+        r"implausible physical pixel size 0 x 0 mm from PixelSpacing",
+    )
+    fails(
+        mutated(tmp_path, RGB, lambda ds: setattr(ds, "PixelSpacing", ["nan", "0.2"]), "nan.dcm"),
+        r"implausible physical pixel size 0.2 x nan mm from PixelSpacing",
+    )
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda ds: setattr(ds, "Columns", ds.Columns - 1), r"holds 230400 bytes, but the header \(Rows 240 x Columns "
-                                                        r"319 x 3 samples x 8 bits x 1 frame\(s\)\) needs 229680"),
-    (lambda ds: setattr(ds, "Rows", ds.Rows // 2), r"holds 230400 bytes, but the header \(Rows 120 .*needs 115200"),
-    (lambda ds: setattr(ds, "Rows", ds.Rows * 2), r"holds 230400 bytes, but the header \(Rows 480 .*needs 460800"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda ds: setattr(ds, "Columns", ds.Columns - 1),
+            r"holds 230400 bytes, but the header \(Rows 240 x Columns "
+            r"319 x 3 samples x 8 bits x 1 frame\(s\)\) needs 229680",
+        ),
+        (lambda ds: setattr(ds, "Rows", ds.Rows // 2), r"holds 230400 bytes, but the header \(Rows 120 .*needs 115200"),
+        (lambda ds: setattr(ds, "Rows", ds.Rows * 2), r"holds 230400 bytes, but the header \(Rows 480 .*needs 460800"),
+    ],
+)
 def test_rows_or_columns_inconsistent_with_native_pixel_data(tmp_path, change, message):
     fails(mutated(tmp_path, RGB, change), message)
 
@@ -150,14 +181,17 @@ def test_one_sample_per_pixel_on_colour_data(tmp_path, source, photometric):
     fails(path, rf"PhotometricInterpretation {photometric} needs SamplesPerPixel 3, the header says 1")
 
 
-@pytest.mark.parametrize("source, frames, message", [
-    (RGB, 2, r"pixel data holds 230400 bytes, but the header .* 2 frame\(s\)\) needs 460800"),
-    (CINE, 31, r"the pixel data holds 30 frame\(s\), the header's NumberOfFrames says 31"),
-    (CINE, 2, r"the pixel data holds 30 frame\(s\), the header's NumberOfFrames says 2"),
-    (JPEG2K, 2, r"the pixel data holds 1 frame\(s\), the header's NumberOfFrames says 2"),
-    (CINE, 0, r"NumberOfFrames is 0; expected >= 1"),
-    (CINE, None, r"the pixel data holds 30 frame\(s\), the header's NumberOfFrames says 1"),
-])
+@pytest.mark.parametrize(
+    "source, frames, message",
+    [
+        (RGB, 2, r"pixel data holds 230400 bytes, but the header .* 2 frame\(s\)\) needs 460800"),
+        (CINE, 31, r"the pixel data holds 30 frame\(s\), the header's NumberOfFrames says 31"),
+        (CINE, 2, r"the pixel data holds 30 frame\(s\), the header's NumberOfFrames says 2"),
+        (JPEG2K, 2, r"the pixel data holds 1 frame\(s\), the header's NumberOfFrames says 2"),
+        (CINE, 0, r"NumberOfFrames is 0; expected >= 1"),
+        (CINE, None, r"the pixel data holds 30 frame\(s\), the header's NumberOfFrames says 1"),
+    ],
+)
 def test_frame_count_disagrees_with_the_pixel_data(tmp_path, source, frames, message):
     def count(ds):
         if frames is None:
@@ -171,8 +205,11 @@ def test_frame_count_disagrees_with_the_pixel_data(tmp_path, source, frames, mes
 @pytest.mark.parametrize("fraction", [0.3, 0.6, 0.99])
 def test_truncated_native_pixel_data(tmp_path, fraction):
     data = source_bytes(RGB)
-    fails(raw(tmp_path, data[: int(len(data) * fraction)]), r"the pixel data holds \d+ bytes, but the header .* "
-                                                             r"needs 230400")
+    fails(
+        raw(tmp_path, data[: int(len(data) * fraction)]),
+        r"the pixel data holds \d+ bytes, but the header .* "
+        r"needs 230400",
+    )
 
 
 @pytest.mark.parametrize("fraction", [0.3, 0.9])
@@ -190,16 +227,19 @@ def test_unknown_value_representation(tmp_path):
     """A flipped byte in an explicit VR turns it into one pydicom does not know."""
     data = bytearray(source_bytes(RGB))
     position = data.find(b"DA", 200)  # the first date's VR
-    data[position:position + 2] = b"Q1"
-    fails(raw(tmp_path, bytes(data)), r"not a readable DICOM file \(NotImplementedError: .*Unknown Value "
-                                      r"Representation .* in tag \(0008,0012\)\)$")
+    data[position : position + 2] = b"Q1"
+    fails(
+        raw(tmp_path, bytes(data)),
+        r"not a readable DICOM file \(NotImplementedError: .*Unknown Value "
+        r"Representation .* in tag \(0008,0012\)\)$",
+    )
 
 
 def test_compressed_syntax_on_native_pixel_data(tmp_path):
     """The cine's transfer syntax rewritten to Explicit VR Little Endian: its JPEG bytes read as raw pixels."""
     data = source_bytes(CINE)
     position = data.find(b"1.2.840.10008.1.2.4.50")
-    data = data[:position] + b"1.2.840.10008.1.2.1\x00\x00\x00" + data[position + 22:]
+    data = data[:position] + b"1.2.840.10008.1.2.1\x00\x00\x00" + data[position + 22 :]
     fails(raw(tmp_path, data), r"the pixel data holds \d+ bytes, but the header")
 
 
@@ -211,8 +251,18 @@ def test_good_files_still_read():
 
 # ---- a seeded random corpus ----------------------------------------------------------------------------------------
 
-KEYWORDS = ["Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
-            "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames", "PixelSpacing"]
+KEYWORDS = [
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "PlanarConfiguration",
+    "NumberOfFrames",
+    "PixelSpacing",
+]
 VALUES = [0, 1, 2, 3, 7, 16, 31, 65535, "MONOCHROME2", "PALETTE COLOR", "YBR_FULL", "0.2", ["0.1", "0.1"]]
 
 

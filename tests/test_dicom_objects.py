@@ -52,9 +52,14 @@ def content_items(items):
 
 def numeric_values(sr):
     """{concept code: (value, UCUM unit)} of the NUM items in the SR."""
-    return {item.ConceptNameCodeSequence[0].CodeValue: (float(item.MeasuredValueSequence[0].NumericValue),
-                                                        item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0])
-            for item in content_items(sr.ContentSequence) if item.ValueType == "NUM"}
+    return {
+        item.ConceptNameCodeSequence[0].CodeValue: (
+            float(item.MeasuredValueSequence[0].NumericValue),
+            item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0],
+        )
+        for item in content_items(sr.ContentSequence)
+        if item.ValueType == "NUM"
+    }
 
 
 def as_list(value):
@@ -70,14 +75,27 @@ def image_references(sr):
     for item in content_items(sr.ContentSequence):
         if item.ValueType == "IMAGE":
             ref = item.ReferencedSOPSequence[0]
-            found.append((ref.ReferencedSOPInstanceUID, as_list(ref.get("ReferencedFrameNumber")),
-                          as_list(ref.get("ReferencedSegmentNumber"))))
+            found.append(
+                (
+                    ref.ReferencedSOPInstanceUID,
+                    as_list(ref.get("ReferencedFrameNumber")),
+                    as_list(ref.get("ReferencedSegmentNumber")),
+                )
+            )
     return found
 
 
 def mm_row(circumference=171.3, a=30.0, b=24.5, area=2300.0):
-    return {"unit": "mm", "center_x": 40.0, "center_y": 30.0, "semi_axes_a": a, "semi_axes_b": b, "angle_rad": 0.4,
-            "circumference": circumference, "area": area}
+    return {
+        "unit": "mm",
+        "center_x": 40.0,
+        "center_y": 30.0,
+        "semi_axes_a": a,
+        "semi_axes_b": b,
+        "angle_rad": 0.4,
+        "circumference": circumference,
+        "area": area,
+    }
 
 
 def test_seg_of_a_single_frame_ultrasound_round_trips(tmp_path):
@@ -96,8 +114,10 @@ def test_seg_of_a_single_frame_ultrasound_round_trips(tmp_path):
     assert series.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     segment = seg.SegmentSequence[0]
     assert segment.SegmentLabel == "fetal head" and segment.SegmentAlgorithmType == "AUTOMATIC"
-    assert (segment.SegmentedPropertyTypeCodeSequence[0].CodeValue,
-            segment.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator) == ("69536005", "SCT")
+    assert (
+        segment.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+        segment.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator,
+    ) == ("69536005", "SCT")
     assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
     algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
     assert METADATA["name"].startswith(algorithm.AlgorithmName) and len(algorithm.AlgorithmName) > 10
@@ -123,9 +143,13 @@ def test_derived_uid_is_deterministic_valid_and_distinct():
     uid = derived_uid("1.2.3.4", "SEG", "model")
     assert uid == derived_uid("1.2.3.4", "SEG", "model")
     assert len(uid) <= 64 and UID(uid).is_valid
-    others = {derived_uid("1.2.3.5", "SEG", "model"), derived_uid("1.2.3.4", "SR", "model"),
-              derived_uid("1.2.3.4", "SEG", "other"), derived_uid("1.2.3.4", "SEGmodel"),
-              derived_uid("1.2.3.4", "SE", "Gmodel")}
+    others = {
+        derived_uid("1.2.3.5", "SEG", "model"),
+        derived_uid("1.2.3.4", "SR", "model"),
+        derived_uid("1.2.3.4", "SEG", "other"),
+        derived_uid("1.2.3.4", "SEGmodel"),
+        derived_uid("1.2.3.4", "SE", "Gmodel"),
+    }
     assert len(others) == 5 and uid not in others
 
 
@@ -183,8 +207,11 @@ def test_measurement_sr_holds_the_circumference_in_mm_and_references_source_and_
     assert (source.SOPInstanceUID, [], []) in references
     # frame 1 of the SEG; the frame names its segment, so no Referenced Segment Number beside it (PS3.3 C.10.9)
     assert (seg.SOPInstanceUID, [1], []) in references
-    evidence = {ref.ReferencedSOPInstanceUID for series in sr.CurrentRequestedProcedureEvidenceSequence[0]
-                .ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
     assert evidence == {source.SOPInstanceUID, seg.SOPInstanceUID}
     assert not quality_findings(sr) and "CodingSchemeIdentificationSequence" not in sr  # an unflagged measurement
 
@@ -195,8 +222,7 @@ def test_cine_gets_one_seg_per_selected_frame_and_pixel_frames_stay_out_of_the_s
     shape = (source.Rows, source.Columns)
     masks = {3: filled_ellipse(shape, (100, 140), (60, 80), 0.2), 17: filled_ellipse(shape, (130, 170), (40, 90), 1.0)}
     with caplog.at_level(logging.WARNING, logger="scripts.dicom_objects"):
-        paths = write_results(path, masks, {3: mm_row(), 17: {**mm_row(), "unit": "px"}}, tmp_path,
-                              structure="abdomen")
+        paths = write_results(path, masks, {3: mm_row(), 17: {**mm_row(), "unit": "px"}}, tmp_path, structure="abdomen")
     assert "frame 17" in caplog.text and "'px'" in caplog.text
     found = by_modality(paths)
     assert len(found["SEG"]) == 2 and len(found["SR"]) == 1
@@ -211,15 +237,21 @@ def test_cine_gets_one_seg_per_selected_frame_and_pixel_frames_stay_out_of_the_s
         seg_of_frame[frame] = seg
         assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "818981001"  # Abdomen
         pixels = hd.seg.segread(seg_path).get_pixels_by_source_frame(
-            source.SOPInstanceUID, source_frame_numbers=[frame + 1], dtype=np.uint8)
+            source.SOPInstanceUID, source_frame_numbers=[frame + 1], dtype=np.uint8
+        )
         np.testing.assert_array_equal(pixels[0, :, :, 0], masks[frame])
     assert sorted(seg_of_frame) == [3, 17]
 
     _, sr = found["SR"][0]
     values = numeric_values(sr)
     assert values["11979-2"][0] == pytest.approx(171.3)  # LOINC Abdominal Circumference; one group only
-    assert sum(item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "11979-2"
-               for item in content_items(sr.ContentSequence)) == 1
+    assert (
+        sum(
+            item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "11979-2"
+            for item in content_items(sr.ContentSequence)
+        )
+        == 1
+    )
     references = image_references(sr)
     assert (source.SOPInstanceUID, [4], []) in references
     assert (seg_of_frame[3].SOPInstanceUID, [1], []) in references
@@ -250,7 +282,7 @@ def test_legacy_source_without_patient_attributes_gets_a_conformant_seg(tmp_path
     assert "PatientID" not in source and str(source.StudyTime) == "14:04:38"
     mask = np.zeros((source.Rows, source.Columns), np.uint8)
     mask[20:40, 20:50] = 1
-    seg_path, = write_results(path, {0: mask}, {}, tmp_path, model_id="m")
+    (seg_path,) = write_results(path, {0: mask}, {}, tmp_path, model_id="m")
     seg = hd.seg.segread(seg_path)
     assert (seg.StudyDate, seg.StudyTime) == ("19970424", "140438")
     assert seg.PatientID == "" and seg.PatientBirthDate == "" and seg.PatientName == source.PatientName
@@ -261,9 +293,11 @@ def test_legacy_source_without_patient_attributes_gets_a_conformant_seg(tmp_path
 
 def quality_findings(sr):
     """[(code value, coding scheme)] of the DCM 111052 "Quality Finding" CODE items of an SR."""
-    return [(item.ConceptCodeSequence[0].CodeValue, item.ConceptCodeSequence[0].CodingSchemeDesignator)
-            for item in content_items(sr.ContentSequence)
-            if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "111052"]
+    return [
+        (item.ConceptCodeSequence[0].CodeValue, item.ConceptCodeSequence[0].CodingSchemeDesignator)
+        for item in content_items(sr.ContentSequence)
+        if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "111052"
+    ]
 
 
 def test_flagged_measurement_is_marked_in_the_sr(tmp_path):
@@ -273,21 +307,30 @@ def test_flagged_measurement_is_marked_in_the_sr(tmp_path):
     source = pydicom.dcmread(path)
     shape = (source.Rows, source.Columns)
     masks = {0: filled_ellipse(shape, (100, 140), (60, 80), 0.2), 5: filled_ellipse(shape, (120, 160), (50, 70), 0.0)}
-    rows = {0: {**mm_row(circumference=568.9), "flags": "circumference_out_of_range;touches_sector_border"},
-            5: {**mm_row(), "flags": ""}}
+    rows = {
+        0: {**mm_row(circumference=568.9), "flags": "circumference_out_of_range;touches_sector_border"},
+        5: {**mm_row(), "flags": ""},
+    }
     found = by_modality(write_results(path, masks, rows, tmp_path))
-    (_, sr), = found["SR"]
+    ((_, sr),) = found["SR"]
     assert sorted(quality_findings(sr)) == [("OUT_OF_RANGE", "99FETALUS"), ("SECTOR_BORDER", "99FETALUS")]
     assert [item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence] == ["99FETALUS"]
-    circumferences = [item for item in content_items(sr.ContentSequence)
-                      if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "11984-2"]
-    qualified = {float(item.MeasuredValueSequence[0].NumericValue):
-                 [q.CodeValue for q in item.get("NumericValueQualifierCodeSequence", [])]
-                 for item in circumferences}
+    circumferences = [
+        item
+        for item in content_items(sr.ContentSequence)
+        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "11984-2"
+    ]
+    qualified = {
+        float(item.MeasuredValueSequence[0].NumericValue): [
+            q.CodeValue for q in item.get("NumericValueQualifierCodeSequence", [])
+        ]
+        for item in circumferences
+    }
     assert qualified == {568.9: ["114009"], 171.3: []}
     # highdicom reads the flags back from the right group
     report = hd.sr.ComprehensiveSR.from_dataset(sr)
     by_circumference = {
         group.get_measurements()[0].value: [q.value.value for q in group.get_qualitative_evaluations()]
-        for group in report.content.get_planar_roi_measurement_groups()}
+        for group in report.content.get_planar_roi_measurement_groups()
+    }
     assert by_circumference == {568.9: ["OUT_OF_RANGE", "SECTOR_BORDER"], 171.3: []}

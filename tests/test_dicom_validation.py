@@ -19,12 +19,19 @@ from scripts.dicom_objects import phantom_ultrasound_dicom, write_results
 
 DCIODVFY = shutil.which("dciodvfy")
 pytestmark = [
-    pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy not installed (Debian package dicom3tools; .ci/run "
-                                                "installs it)"),
+    pytest.mark.skipif(
+        DCIODVFY is None, reason="dciodvfy not installed (Debian package dicom3tools; .ci/run installs it)"
+    ),
     pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent the intended person name"),
 ]
-SOURCES = ["examples_rgb_color.dcm", "examples_palette.dcm", "examples_jpeg2k.dcm", "examples_ybr_color.dcm",
-           "ExplVR_BigEnd.dcm", "phantom"]
+SOURCES = [
+    "examples_rgb_color.dcm",
+    "examples_palette.dcm",
+    "examples_jpeg2k.dcm",
+    "examples_ybr_color.dcm",
+    "ExplVR_BigEnd.dcm",
+    "phantom",
+]
 
 
 def dciodvfy_errors(path) -> list[str]:
@@ -33,8 +40,17 @@ def dciodvfy_errors(path) -> list[str]:
 
 
 def measurement(circumference=171.3, flags=""):
-    return {"unit": "mm", "center_x": 40.0, "center_y": 30.0, "semi_axes_a": 30.0, "semi_axes_b": 24.5,
-            "angle_rad": 0.4, "circumference": circumference, "area": 2300.0, "flags": flags}
+    return {
+        "unit": "mm",
+        "center_x": 40.0,
+        "center_y": 30.0,
+        "semi_axes_a": 30.0,
+        "semi_axes_b": 24.5,
+        "angle_rad": 0.4,
+        "circumference": circumference,
+        "area": 2300.0,
+        "flags": flags,
+    }
 
 
 @pytest.mark.parametrize("name", SOURCES)

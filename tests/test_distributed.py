@@ -21,8 +21,16 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_process_gloo_training_keeps_ranks_in_step(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(ROOT / "tests" / "ddp_probe.py"), str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(ROOT / "tests" / "ddp_probe.py"),
+        str(tmp_path),
+    ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -39,7 +47,11 @@ def test_two_process_gloo_training_keeps_ranks_in_step(tmp_path):
     # each rank trained on its own shard of the labelled and of the unlabelled stream
     for stream in ("labeled", "unlabeled"):
         first, second = ranks[0]["seen"][stream], ranks[1]["seen"][stream]
-        assert len(first) == len(second) == 4 * (1 if stream == "labeled" else 2) and first != second, (stream, first, second)
+        assert len(first) == len(second) == 4 * (1 if stream == "labeled" else 2) and first != second, (
+            stream,
+            first,
+            second,
+        )
     assert ranks[0]["val_dice"] == ranks[1]["val_dice"]  # validation gathered over both ranks' shards
     # rank 0 alone writes the published model, the best checkpoint and the curves
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.pt"]
@@ -59,10 +71,25 @@ def test_only_logging_handlers_are_disabled_on_other_ranks():
     multi = json.loads((ROOT / "configs" / "multi_gpu_train.json").read_text())
     assert not [k for k in multi if "handlers" in k]  # no positional handler overrides
     assert multi["log_on_this_rank"] == "$torch.distributed.get_rank() == 0"
-    flagged = [h["_target_"] for section in ("train", "validate") for h in train[section]["handlers"]
-               if h.get("_disabled_") == "$not @log_on_this_rank"]
-    assert sorted(flagged) == sorted(["scripts.trainer.TrainingProgressBar", "StatsHandler", "TensorBoardStatsHandler",
-                                      "StatsHandler", "TensorBoardStatsHandler"])
-    others = [h["_target_"] for section in ("train", "validate") for h in train[section]["handlers"]
-              if "log_on_this_rank" not in str(h.get("_disabled_", ""))]
+    flagged = [
+        h["_target_"]
+        for section in ("train", "validate")
+        for h in train[section]["handlers"]
+        if h.get("_disabled_") == "$not @log_on_this_rank"
+    ]
+    assert sorted(flagged) == sorted(
+        [
+            "scripts.trainer.TrainingProgressBar",
+            "StatsHandler",
+            "TensorBoardStatsHandler",
+            "StatsHandler",
+            "TensorBoardStatsHandler",
+        ]
+    )
+    others = [
+        h["_target_"]
+        for section in ("train", "validate")
+        for h in train[section]["handlers"]
+        if "log_on_this_rank" not in str(h.get("_disabled_", ""))
+    ]
     assert "ValidationHandler" in others and others.count("LrScheduleHandler") == 2

@@ -25,8 +25,10 @@ pytest.importorskip("onnxruntime")
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "model.pt"
 # the command README.md and docs give, run as written with the output and checkpoint redirected
-TORCHSCRIPT_COMMAND = ("python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file "
-                       "models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json")
+TORCHSCRIPT_COMMAND = (
+    "python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file "
+    "models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json"
+)
 TOL = 1e-4
 
 
@@ -72,8 +74,10 @@ def _max_diff(a, b) -> float:
 
 def test_onnx_graph_declares_batch_height_and_width_dynamic(exported):
     graph = onnx.load(str(exported["onnx"])).graph
-    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-            for v in (*graph.input, *graph.output)}
+    dims = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in (*graph.input, *graph.output)
+    }
     assert dims == {"image": ["batch", 3, "height", "width"], "pred": ["batch", 2, "height", "width"]}
 
 
@@ -108,8 +112,10 @@ def test_onnxruntime_network_keeps_metadata_and_checks_the_size(exported):
 
 def test_a_missing_onnx_model_or_unknown_backend_is_one_clear_error(tmp_path):
     missing = tmp_path / "model.onnx"
-    for call in (lambda: require_model("onnxruntime", str(MODEL), str(missing)),
-                 lambda: OnnxRuntimeNetwork(str(missing))):
+    for call in (
+        lambda: require_model("onnxruntime", str(MODEL), str(missing)),
+        lambda: OnnxRuntimeNetwork(str(missing)),
+    ):
         with pytest.raises(FileNotFoundError) as error:
             call()
         assert str(error.value).startswith(f"{missing} not found") and ONNX_EXPORT_COMMAND in str(error.value)
@@ -135,11 +141,18 @@ def test_an_onnx_model_older_than_the_checkpoint_is_flagged(tmp_path, caplog):
 def _infer(exported: dict, input_dir: Path, output_dir: Path, backend: str) -> None:
     from monai.bundle import ConfigWorkflow
 
-    workflow = ConfigWorkflow(config_file=str(ROOT / "configs" / "inference.json"), workflow_type="infer",
-                              meta_file=str(ROOT / "configs" / "metadata.json"), bundle_root=str(ROOT),
-                              ckpt_dir=str(exported["ckpt"].parent), onnx_path=str(exported["onnx"]),
-                              backend=backend, input_dir=str(input_dir), output_dir=str(output_dir),
-                              device=torch.device("cpu"))
+    workflow = ConfigWorkflow(
+        config_file=str(ROOT / "configs" / "inference.json"),
+        workflow_type="infer",
+        meta_file=str(ROOT / "configs" / "metadata.json"),
+        bundle_root=str(ROOT),
+        ckpt_dir=str(exported["ckpt"].parent),
+        onnx_path=str(exported["onnx"]),
+        backend=backend,
+        input_dir=str(input_dir),
+        output_dir=str(output_dir),
+        device=torch.device("cpu"),
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
@@ -160,5 +173,6 @@ def test_inference_with_onnxruntime_writes_the_same_masks(exported, tmp_path):
         assert eager.shape == (540, 800)
         assert np.array_equal(eager, ort), f"{eager_file.name}: {int((eager != ort).sum())} pixels differ"
     # the measurements come from the masks: the same masks give the same table
-    assert (tmp_path / "torch" / "measurements.json").read_text() == \
-        (tmp_path / "onnxruntime" / "measurements.json").read_text()
+    assert (tmp_path / "torch" / "measurements.json").read_text() == (
+        tmp_path / "onnxruntime" / "measurements.json"
+    ).read_text()

@@ -15,8 +15,16 @@ import torch
 from PIL import Image
 
 from scripts.biometry import ellipse_circumference, fit_ellipse
-from scripts.inference import (FAILED, MeasurementWriter, collate_frames, display_size, ellipse_points_px, list_images,
-                               overlay_rgb, source_frames)
+from scripts.inference import (
+    FAILED,
+    MeasurementWriter,
+    collate_frames,
+    display_size,
+    ellipse_points_px,
+    list_images,
+    overlay_rgb,
+    source_frames,
+)
 from scripts.networks import UNeXt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,14 +60,17 @@ def test_pixel_sizes_from_an_hc18_test_csv_beside_the_folder(tmp_path):
 def test_measurements_in_mm_and_the_hc18_submission(tmp_path):
     writer = MeasurementWriter(str(tmp_path), hc18_submission=True)
     # (1, X, Y) index masks as inference.json produces them, with different pixel sizes
-    cases = [("000_HC.png", (120.0, 80.0, 40.0, 25.0), [0.1, 0.1]),
-             ("001_HC.png", (90.0, 70.0, 30.0, 30.0), [0.25, 0.25])]
+    cases = [
+        ("000_HC.png", (120.0, 80.0, 40.0, 25.0), [0.1, 0.1]),
+        ("001_HC.png", (90.0, 70.0, 30.0, 30.0), [0.25, 0.25]),
+    ]
     for name, (cx, cy, a, b), size in cases:
         pred = torch.from_numpy(ellipse_mask((240, 160), cx, cy, a, b)[None].astype(np.float32))
         row, fit = writer.measure(pred, size, name)
         writer.rows.append(row)
         assert row["unit"] == "mm" and row["circumference"] == pytest.approx(
-            ellipse_circumference(a * size[0], b * size[0]), rel=0.01)
+            ellipse_circumference(a * size[0], b * size[0]), rel=0.01
+        )
         assert row["center_x"] == pytest.approx(cx * size[0], abs=0.05)
     writer.write()
     with open(tmp_path / "hc18_submission.csv") as f:
@@ -75,8 +86,9 @@ def test_measurements_in_mm_and_the_hc18_submission(tmp_path):
 
 def test_without_pixel_size_measurements_are_in_pixels_and_no_submission(tmp_path):
     writer = MeasurementWriter(str(tmp_path), hc18_submission=True)
-    row, _ = writer.measure(torch.from_numpy(ellipse_mask((100, 100), 50, 50, 20, 20)[None].astype(np.float32)),
-                            None, "scan.png")
+    row, _ = writer.measure(
+        torch.from_numpy(ellipse_mask((100, 100), 50, 50, 20, 20)[None].astype(np.float32)), None, "scan.png"
+    )
     assert row["unit"] == "px" and row["circumference"] == pytest.approx(2 * math.pi * 20, rel=0.02)
     writer.rows.append(row)
     with pytest.raises(ValueError, match="pixel size; none for scan.png"):
@@ -98,8 +110,13 @@ def test_overlay_draws_the_fitted_ellipse():
 
 def test_overlay_is_drawn_at_a_size_for_looking_at():
     mask = ellipse_mask((800, 540), 400, 270, 200, 150)
-    rgb = overlay_rgb(torch.zeros(1, 800, 540), torch.from_numpy(mask[None].astype(np.float32)), max_size=512,
-                      ellipse=np.array([[400.0, 120.0]]), flags=["touches_image_border"])
+    rgb = overlay_rgb(
+        torch.zeros(1, 800, 540),
+        torch.from_numpy(mask[None].astype(np.float32)),
+        max_size=512,
+        ellipse=np.array([[400.0, 120.0]]),
+        flags=["touches_image_border"],
+    )
     assert rgb.shape == (346, 512, 3) and display_size(260, 150, 512) == (260, 150)  # small images stay as they are
     yellow = (rgb[..., 0] == 255) & (rgb[..., 1] == 220) & (rgb[..., 2] == 0)
     assert yellow[round(120 * 346 / 540), 256]  # the ellipse point scaled with the picture
@@ -111,9 +128,13 @@ def test_collate_batches_the_network_input_and_keeps_the_rest_per_frame():
     from monai.data import MetaTensor
 
     frame = lambda w, h, **extra: {"image": MetaTensor(torch.rand(3, 8, 8)), "original": torch.rand(1, w, h), **extra}
-    batch = collate_frames([[frame(20, 10, pixel_size_mm=[0.1, 0.1])],
-                            [{FAILED: {"file": "bad.dcm", "reason": "not a readable DICOM file"}}],
-                            [frame(30, 12, source="cine.dcm", frame=0), frame(30, 12, source="cine.dcm", frame=1)]])
+    batch = collate_frames(
+        [
+            [frame(20, 10, pixel_size_mm=[0.1, 0.1])],
+            [{FAILED: {"file": "bad.dcm", "reason": "not a readable DICOM file"}}],
+            [frame(30, 12, source="cine.dcm", frame=0), frame(30, 12, source="cine.dcm", frame=1)],
+        ]
+    )
     assert batch["image"].shape == (3, 3, 8, 8)
     extras = batch["per_frame_extras"]
     assert [tuple(e["original"].shape) for e in extras] == [(1, 20, 10), (1, 30, 12), (1, 30, 12)]
@@ -160,10 +181,18 @@ def run_inference(tmp_path: Path, net: UNeXt, out: str, **overrides):
 
     (tmp_path / "models").mkdir(exist_ok=True)
     torch.save(net.state_dict(), tmp_path / "models" / "model.pt")
-    workflow = ConfigWorkflow(config_file=str(ROOT / "configs" / "inference.json"), workflow_type="infer",
-                              meta_file=str(ROOT / "configs" / "metadata.json"), bundle_root=str(ROOT),
-                              ckpt_dir=str(tmp_path / "models"), input_dir=str(tmp_path / "in"),
-                              output_dir=str(tmp_path / out), device=torch.device("cpu"), progress=False, **overrides)
+    workflow = ConfigWorkflow(
+        config_file=str(ROOT / "configs" / "inference.json"),
+        workflow_type="infer",
+        meta_file=str(ROOT / "configs" / "metadata.json"),
+        bundle_root=str(ROOT),
+        ckpt_dir=str(tmp_path / "models"),
+        input_dir=str(tmp_path / "in"),
+        output_dir=str(tmp_path / out),
+        device=torch.device("cpu"),
+        progress=False,
+        **overrides,
+    )
     workflow.initialize()
     workflow.run()
     return workflow
@@ -190,12 +219,13 @@ def test_batched_pipeline_writes_the_documented_masks_and_measurements(tmp_path)
     expected = {}
     with torch.no_grad():
         for start in range(0, len(inputs), 3):
-            chunk = inputs[start:start + 3]
+            chunk = inputs[start : start + 3]
             logits = net(torch.stack([d["image"].as_tensor() for d in chunk]))
             for d, lg in zip(chunk, logits):
                 size = tuple(d["original"].shape[1:])  # (W, H): MONAI's array axes
-                prob = torch.nn.functional.interpolate(torch.softmax(lg, 0)[None], size=size, mode="bilinear",
-                                                       align_corners=False)[0]
+                prob = torch.nn.functional.interpolate(
+                    torch.softmax(lg, 0)[None], size=size, mode="bilinear", align_corners=False
+                )[0]
                 name = Path(d["original"].meta["filename_or_obj"]).name
                 expected[name] = torch.argmax(prob, 0).numpy().T.astype(np.uint8)  # (H, W) as the PNG holds it
     assert sorted(expected) == ["a_grey.png", "b_rgb.png", "c_small.jpg", "d_palette.png"]
@@ -210,7 +240,8 @@ def test_batched_pipeline_writes_the_documented_masks_and_measurements(tmp_path)
         fit = fit_ellipse(mask.T > 0, None if name != "d_palette.png" else [0.2623, 0.2623])
         assert float(rows[name]["semi_axes_a"]) == pytest.approx(fit["semi_axes_a_mm"], rel=1e-3)
         assert Image.open(tmp_path / "raw" / f"{Path(name).stem}_overlay.png").size == display_size(
-            mask.shape[1], mask.shape[0], 512)
+            mask.shape[1], mask.shape[0], 512
+        )
     assert rows["d_palette.png"]["unit"] == "mm" and rows["a_grey.png"]["unit"] == "px"
 
     run_inference(tmp_path, net, "clean", batch_size=3, num_workers=0, save_overlays=False)
@@ -232,10 +263,28 @@ def test_one_bad_file_is_named_and_skipped_and_the_exit_status_says_so(tmp_path)
     (tmp_path / "models").mkdir()
     torch.manual_seed(0)
     torch.save(UNeXt(3, 2).state_dict(), tmp_path / "models" / "model.pt")
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                           "--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
-                           "--ckpt_dir", str(tmp_path / "models"), "--batch_size", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--input_dir",
+            str(tmp_path / "in"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--ckpt_dir",
+            str(tmp_path / "models"),
+            "--batch_size",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     log = done.stdout + done.stderr
     assert done.returncode == 1, log[-3000:]
     assert f"{tmp_path / 'in' / 'e_broken.dcm'}: skipped: not a readable DICOM file" in log

@@ -12,8 +12,15 @@ from scripts.settings import check_training_settings, find_resume_checkpoint
 from scripts.transforms import AsChannelsd, CheckLabelRanged, CheckMinSized
 
 GOOD = dict(
-    spatial_size=[224, 224], labeled_fraction=0.05, labeled_batch_size=1, unlabeled_batch_size=4, num_classes=2,
-    class_names=["background", "head"], in_channels=3, total_iterations=100, val_interval=10,
+    spatial_size=[224, 224],
+    labeled_fraction=0.05,
+    labeled_batch_size=1,
+    unlabeled_batch_size=4,
+    num_classes=2,
+    class_names=["background", "head"],
+    in_channels=3,
+    total_iterations=100,
+    val_interval=10,
     weights={"cps_weight": 1.0, "ict_weight": 1.0, "divergence_weight": 1.0},
 )
 
@@ -34,8 +41,11 @@ def test_label_values_outside_class_range(tmp_path):
     path = tmp_path / "012_HC_mask.png"
     Image.fromarray(np.array([[0, 1], [2, 255]], dtype=np.uint8)).save(path)
     data = load(path, "label")
-    with pytest.raises(ValueError, match=r"012_HC_mask\.png: label values \{2, 255\} are outside the class range "
-                                         r"0\.\.1"):
+    with pytest.raises(
+        ValueError,
+        match=r"012_HC_mask\.png: label values \{2, 255\} are outside the class range "
+        r"0\.\.1",
+    ):
         CheckLabelRanged(keys="label", num_classes=2)(data)
     assert CheckLabelRanged(keys="label", num_classes=256)(data)  # in range for 256 classes
 

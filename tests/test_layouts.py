@@ -1,4 +1,4 @@
-"""Folder layouts (generic images/labels, FUGC, PSFHS): miniature copies -> prepare -> train 2 iterations -> evaluate."""
+"""Folder layouts (generic images/labels, FUGC, PSFHS): miniature copies -> prepare -> train 2 iterations -> eval."""
 
 import json
 from pathlib import Path
@@ -58,15 +58,30 @@ def make_psfhs(root, n, seed=0, spacing=(0.3, 0.3)):
 
 def train_and_evaluate(dataset, tmp, num_classes, class_names, pixel_size=None):
     overrides = dict(
-        bundle_root=str(tmp), dataset_dir=str(dataset), prepared_dir=str(tmp / "prepared"), output_dir=str(tmp / "eval"),
-        ckpt_dir=str(tmp / "models"), spatial_size=[64, 64], labeled_fraction=0.5, labeled_batch_size=1,
-        unlabeled_batch_size=0, total_iterations=2, val_interval=2, amp=False, num_classes=num_classes,
-        class_names=class_names, dataset_pixel_size_mm=pixel_size,
+        bundle_root=str(tmp),
+        dataset_dir=str(dataset),
+        prepared_dir=str(tmp / "prepared"),
+        output_dir=str(tmp / "eval"),
+        ckpt_dir=str(tmp / "models"),
+        spatial_size=[64, 64],
+        labeled_fraction=0.5,
+        labeled_batch_size=1,
+        unlabeled_batch_size=0,
+        total_iterations=2,
+        val_interval=2,
+        amp=False,
+        num_classes=num_classes,
+        class_names=class_names,
+        dataset_pixel_size_mm=pixel_size,
     )
     files = [str(ROOT / "configs" / "train.json"), str(ROOT / "configs" / "methods" / "supervised.json")]
     for extra in ([], [str(ROOT / "configs" / "evaluate.json")]):
-        workflow = ConfigWorkflow(config_file=files + extra, meta_file=str(ROOT / "configs" / "metadata.json"),
-                                  workflow_type="train", **overrides)
+        workflow = ConfigWorkflow(
+            config_file=files + extra,
+            meta_file=str(ROOT / "configs" / "metadata.json"),
+            workflow_type="train",
+            **overrides,
+        )
         workflow.initialize()
         workflow.run()
         workflow.finalize()
@@ -78,10 +93,17 @@ def test_generic_png_layout_three_classes(tmp_path):
     make_png_layout(data, "images", "labels", n_labelled=8, n_unlabelled=3, classes=3)
     for i in range(8, 11):  # images without a label join the unlabelled pool
         assert not (data / "labels" / f"{i:04d}.png").exists()
-    datalist = json.loads(Path(prepare_dataset(data, tmp_path / "p", labeled_fraction=0.5, pixel_size_mm=0.2)).read_text())
+    datalist = json.loads(
+        Path(prepare_dataset(data, tmp_path / "p", labeled_fraction=0.5, pixel_size_mm=0.2)).read_text()
+    )
     assert datalist["meta"]["layout"] == "generic" and datalist["meta"]["num_classes"] == 3
-    assert len(datalist["test"]) + len(datalist["validation"]) + len(datalist["labeled"]) + len(datalist["unlabeled"]) == 11
-    assert all("label" not in i for i in datalist["unlabeled"]) and all(i["pixel_size_mm"] == [0.2, 0.2] for i in datalist["test"])
+    assert (
+        len(datalist["test"]) + len(datalist["validation"]) + len(datalist["labeled"]) + len(datalist["unlabeled"])
+        == 11
+    )
+    assert all("label" not in i for i in datalist["unlabeled"]) and all(
+        i["pixel_size_mm"] == [0.2, 0.2] for i in datalist["test"]
+    )
     summary = train_and_evaluate(data, tmp_path, 3, ["background", "disc", "square"], pixel_size=0.2)
     assert summary["n_images"] == len(datalist["test"]) and summary["n_images_with_pixel_size"] == summary["n_images"]
     assert "dice_disc" in summary["per_image"][0] and "dice_square" in summary["per_image"][0]
@@ -89,8 +111,15 @@ def test_generic_png_layout_three_classes(tmp_path):
 
 def test_fugc_layout(tmp_path):
     data = tmp_path / "fugc"
-    make_png_layout(data, "train/labeled_data/images", "train/labeled_data/labels", n_labelled=6, n_unlabelled=4,
-                    unlabelled_dir="train/unlabeled_data/images", classes=3)
+    make_png_layout(
+        data,
+        "train/labeled_data/images",
+        "train/labeled_data/labels",
+        n_labelled=6,
+        n_unlabelled=4,
+        unlabelled_dir="train/unlabeled_data/images",
+        classes=3,
+    )
     datalist = json.loads(Path(prepare_dataset(data, tmp_path / "p", labeled_fraction=0.5)).read_text())
     assert datalist["meta"]["layout"] == "fugc" and datalist["meta"]["num_classes"] == 3
     assert sum(i["subject"].startswith("unlabelled/") for i in datalist["unlabeled"]) == 4
@@ -117,7 +146,9 @@ def test_folder_layout_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"0001\.png: label values \[255\] look like an intensity mask"):
         prepare_dataset(data, tmp_path / "p")
     Image.fromarray(np.zeros((H + 1, W), np.uint8)).save(data / "labels" / "0001.png")
-    with pytest.raises(ValueError, match=r"0001\.png: label size \(96, 65\) differs from its image 0001\.png \(96, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"0001\.png: label size \(96, 65\) differs from its image 0001\.png \(96, 64\)"
+    ):
         prepare_dataset(data, tmp_path / "p")
     Image.fromarray(np.zeros((H, W), np.uint8)).save(data / "labels" / "0009.png")
     with pytest.raises(ValueError, match="1 label\\(s\\) without an image.*0009"):
@@ -127,7 +158,9 @@ def test_folder_layout_errors_name_the_file(tmp_path):
     other = tmp_path / "other"
     (other / "scans").mkdir(parents=True)
     Image.fromarray(np.zeros((H, W), np.uint8)).save(other / "scans" / "a.png")
-    with pytest.raises(ValueError, match="cannot recognise the dataset layout.*images/ \\[\\+ labels/\\] \\(generic\\)"):
+    with pytest.raises(
+        ValueError, match="cannot recognise the dataset layout.*images/ \\[\\+ labels/\\] \\(generic\\)"
+    ):
         prepare_dataset(other, tmp_path / "p2", generate_phantom_if_empty=False)
 
 
@@ -136,7 +169,9 @@ def test_psfhs_mask_of_another_size_is_named(tmp_path):
     data = tmp_path / "psfhs"
     make_psfhs(data, 4)
     itk.imwrite(itk.image_from_array(np.zeros((H, W + 3), np.uint8)), str(data / "label_mha" / "00002.mha"))
-    with pytest.raises(ValueError, match=r"00002\.mha: label size \(99, 64\) differs from its image 00002\.mha \(96, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"00002\.mha: label size \(99, 64\) differs from its image 00002\.mha \(96, 64\)"
+    ):
         prepare_dataset(data, tmp_path / "p")
 
 
@@ -149,8 +184,15 @@ def test_mixed_items_batch_together(tmp_path):
     from scripts.settings import load_datalist
 
     path = tmp_path / "datalist.json"
-    path.write_text(json.dumps({"test": [{"image": "a", "pixel_size_mm": [0.2, 0.2], "ac_mm": 80.0}, {"image": "b"}],
-                                "labeled": [{"image": "c"}], "meta": {"num_classes": 2}}))
+    path.write_text(
+        json.dumps(
+            {
+                "test": [{"image": "a", "pixel_size_mm": [0.2, 0.2], "ac_mm": 80.0}, {"image": "b"}],
+                "labeled": [{"image": "c"}],
+                "meta": {"num_classes": 2},
+            }
+        )
+    )
     datalist = load_datalist(str(path), 2)
     assert math.isnan(datalist["test"][1]["ac_mm"]) and all(math.isnan(v) for v in datalist["test"][1]["pixel_size_mm"])
     assert "hc_mm" not in datalist["test"][0] and datalist["labeled"] == [{"image": "c"}]
@@ -185,7 +227,10 @@ def make_acouslic(root, volumes, seed=0, compressed=()):
         uuid = f"{v:02d}aa-uuid"
         image = rng.integers(0, 60, (ACOUSLIC_FRAMES, H, W)).astype(np.uint8)
         mask = np.zeros_like(image)
-        optimal, suboptimal = 2 * (v % 6) + 1, [(2 * (v % 6) + 4) % ACOUSLIC_FRAMES, (2 * (v % 6) + 5) % ACOUSLIC_FRAMES]
+        optimal, suboptimal = (
+            2 * (v % 6) + 1,
+            [(2 * (v % 6) + 4) % ACOUSLIC_FRAMES, (2 * (v % 6) + 5) % ACOUSLIC_FRAMES],
+        )
         for frame, value in [(optimal, 1)] + [(f, 2) for f in suboptimal]:
             _, disc = blob_image_and_label(rng, 2)
             mask[frame][disc > 0] = value
@@ -207,8 +252,11 @@ def test_acouslic_stacks_prepare_train_evaluate(tmp_path):
     datalist = json.loads(Path(path).read_text())
     assert datalist["meta"]["layout"] == "acouslic" and datalist["meta"]["num_classes"] == 2
     labelled = [i for k in ("labeled", "validation", "test") for i in datalist[k]]
-    from_pool = [i for i in datalist["unlabeled"] if (i["volume"], i["frame"]) in
-                 {(u, f) for u, (frames, _) in truth.items() for f in frames}]
+    from_pool = [
+        i
+        for i in datalist["unlabeled"]
+        if (i["volume"], i["frame"]) in {(u, f) for u, (frames, _) in truth.items() for f in frames}
+    ]
     assert len(labelled) + len(from_pool) == 6 * 3  # every non-empty frame is a labelled candidate
     subjects = {k: {i["subject"] for i in datalist[k]} for k in ("labeled", "validation", "test")}
     assert not (subjects["test"] & subjects["labeled"]) and not (subjects["validation"] & subjects["test"])
@@ -242,12 +290,16 @@ def test_acouslic_frames_are_extracted_once_and_labels_can_be_kept(tmp_path, mon
     make_acouslic(data, 5)
     prepare_dataset(data, tmp_path / "p", labeled_fraction=0.5, acouslic_unlabeled_per_volume=2)
     monkeypatch.setattr(acouslic, "StackReader", None)  # a second preparation must not open a volume
-    again = json.loads(Path(prepare_dataset(data, tmp_path / "p", labeled_fraction=0.3, seed=1,
-                                            acouslic_unlabeled_per_volume=2)).read_text())
+    again = json.loads(
+        Path(
+            prepare_dataset(data, tmp_path / "p", labeled_fraction=0.3, seed=1, acouslic_unlabeled_per_volume=2)
+        ).read_text()
+    )
     assert again["meta"]["labeled_fraction"] == 0.3
     monkeypatch.undo()
-    kept = json.loads(Path(prepare_dataset(data, tmp_path / "p", acouslic_labels="keep",
-                                           acouslic_unlabeled_per_volume=2)).read_text())
+    kept = json.loads(
+        Path(prepare_dataset(data, tmp_path / "p", acouslic_labels="keep", acouslic_unlabeled_per_volume=2)).read_text()
+    )
     assert kept["meta"]["num_classes"] == 3
     values = set()
     for item in kept["test"] + kept["validation"] + kept["labeled"]:
@@ -265,10 +317,15 @@ def test_acouslic_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"fetal_abdominal_circumferences_per_sweep\.csv: unexpected CSV header"):
         prepare_dataset(data, tmp_path / "p")
     csv_path.write_text(good)
-    itk.imwrite(itk.image_from_array(np.zeros((ACOUSLIC_FRAMES, H, W + 2), np.uint8)),
-                str(data / "masks/stacked_fetal_abdomen/02aa-uuid.mha"))
-    with pytest.raises(ValueError, match=r"02aa-uuid\.mha: mask shape \(98, 64, 12\) \(x, y, frames\) differs from "
-                                         r"its image 02aa-uuid\.mha \(96, 64, 12\)"):
+    itk.imwrite(
+        itk.image_from_array(np.zeros((ACOUSLIC_FRAMES, H, W + 2), np.uint8)),
+        str(data / "masks/stacked_fetal_abdomen/02aa-uuid.mha"),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"02aa-uuid\.mha: mask shape \(98, 64, 12\) \(x, y, frames\) differs from "
+        r"its image 02aa-uuid\.mha \(96, 64, 12\)",
+    ):
         prepare_dataset(data, tmp_path / "p")
 
 
@@ -287,16 +344,23 @@ def test_dicom_folder_layout_prepare_train_evaluate(tmp_path):
         phantom_ultrasound_dicom(image, 0.25 + 0.01 * i, data / f"series{i}" / "IM0001.dcm", patient_id=f"P{i // 2}")
         Image.fromarray(label).save(data / "labels" / f"series{i}__IM0001.png")
     shutil.copy(get_testdata_file("examples_ybr_color.dcm"), data / "cine.dcm")  # 30 frames, no masks
-    datalist = json.loads(Path(prepare_dataset(data, tmp_path / "p", labeled_fraction=0.5, val_fraction=0.2,
-                                               test_fraction=0.3)).read_text())
+    datalist = json.loads(
+        Path(
+            prepare_dataset(data, tmp_path / "p", labeled_fraction=0.5, val_fraction=0.2, test_fraction=0.3)
+        ).read_text()
+    )
     assert datalist["meta"]["layout"] == "dicom" and datalist["meta"]["num_classes"] == 2
     labelled = [i for k in ("labeled", "validation", "test") for i in datalist[k]]
     assert len(labelled) + sum("series" in i["image"] for i in datalist["unlabeled"]) == 6
     assert {i["subject"] for i in labelled} <= {"P0", "P1", "P2"}
-    assert all(i["pixel_size_mm"] == pytest.approx([0.25 + 0.01 * int(i["source"].split("series")[1][0])] * 2)
-               for i in labelled)
+    assert all(
+        i["pixel_size_mm"] == pytest.approx([0.25 + 0.01 * int(i["source"].split("series")[1][0])] * 2)
+        for i in labelled
+    )
     cine = [i for i in datalist["unlabeled"] if i["source"].endswith("cine.dcm")]
-    assert sorted(i["frame"] for i in cine) == list(range(30)) and cine[0]["pixel_size_mm"] == pytest.approx([0.51] * 2, abs=1e-3)
+    assert sorted(i["frame"] for i in cine) == list(range(30)) and cine[0]["pixel_size_mm"] == pytest.approx(
+        [0.51] * 2, abs=1e-3
+    )
     summary = train_and_evaluate(data, tmp_path, 2, ["background", "disc"])
     assert summary["n_images"] == len(datalist["test"]) and summary["n_images_with_pixel_size"] == summary["n_images"]
 

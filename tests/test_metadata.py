@@ -90,14 +90,19 @@ def test_metadata_requirements_and_pyproject_state_the_same_pins():
     assert project["version"] == META["version"] and META["version"] in META["changelog"]
     assert [str(Requirement(r)) for r in project["dependencies"]] == [f"{k}=={v}" for k, v in requirements.items()]
     dev = pins(ROOT / "requirements-dev.txt")
-    assert {canonicalize_name(Requirement(r).name): Requirement(r).specifier for r in project["optional-dependencies"]
-            ["dev"]} == {k: SpecifierSet(f"=={v}") for k, v in dev.items()}
+    assert {
+        canonicalize_name(Requirement(r).name): Requirement(r).specifier
+        for r in project["optional-dependencies"]["dev"]
+    } == {k: SpecifierSet(f"=={v}") for k, v in dev.items()}
 
 
 def test_requires_python_admits_no_version_a_pinned_package_refuses():
     """``requires-python`` starts no lower than the highest minimum Python of the installed pinned packages."""
-    floor = Version(re.fullmatch(r">=\s*([\d.]+)", tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-                                 ["requires-python"]).group(1))
+    floor = Version(
+        re.fullmatch(
+            r">=\s*([\d.]+)", tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+        ).group(1)
+    )
     assert Version(f"{sys.version_info.major}.{sys.version_info.minor}") >= floor
     for name in pins(ROOT / "requirements.txt"):
         needs = md.metadata(name).get("Requires-Python")

@@ -1,4 +1,4 @@
-"""Every method of the comparison is an override of train.json on the one trainer: each builds and trains 2 iterations."""
+"""Every method of the comparison is an override of train.json on the one trainer: each builds, trains 2 iterations."""
 
 from pathlib import Path
 
@@ -59,15 +59,27 @@ def phantom_dir(tmp_path_factory):
 def workflow_for(method: str, phantom_dir, **overrides) -> ConfigWorkflow:
     """train.json + the method's override on the shared phantom, 2 iterations validated once, unless overridden."""
     root = phantom_dir.parents[1]
-    values = dict(bundle_root=str(root), dataset_dir=str(phantom_dir), generate_phantom_if_empty=True,
-                  prepared_dir=str(root / f"prepared_{method}"), output_dir=str(root / f"eval_{method}"),
-                  ckpt_dir=str(root / f"models_{method}"), phantom_subjects=14, phantom_image_size=[320, 224],
-                  total_iterations=2, val_interval=2, amp=False)
+    values = dict(
+        bundle_root=str(root),
+        dataset_dir=str(phantom_dir),
+        generate_phantom_if_empty=True,
+        prepared_dir=str(root / f"prepared_{method}"),
+        output_dir=str(root / f"eval_{method}"),
+        ckpt_dir=str(root / f"models_{method}"),
+        phantom_subjects=14,
+        phantom_image_size=[320, 224],
+        total_iterations=2,
+        val_interval=2,
+        amp=False,
+    )
     if method != "fully_supervised":
         values["labeled_fraction"] = 0.3
     return ConfigWorkflow(
         config_file=[str(ROOT / "configs" / "train.json"), str(ROOT / "configs" / "methods" / f"{method}.json")],
-        meta_file=str(ROOT / "configs" / "metadata.json"), workflow_type="train", **{**values, **overrides})
+        meta_file=str(ROOT / "configs" / "metadata.json"),
+        workflow_type="train",
+        **{**values, **overrides},
+    )
 
 
 @pytest.mark.slow
@@ -108,8 +120,14 @@ def test_total_iterations_is_honoured_exactly(phantom_dir):
     import csv
 
     root = phantom_dir.parents[1]
-    workflow = workflow_for("supervised", phantom_dir, total_iterations=5, val_interval=2,
-                            output_dir=str(root / "eval_total_5"), ckpt_dir=str(root / "models_total_5"))
+    workflow = workflow_for(
+        "supervised",
+        phantom_dir,
+        total_iterations=5,
+        val_interval=2,
+        output_dir=str(root / "eval_total_5"),
+        ckpt_dir=str(root / "models_total_5"),
+    )
     workflow.initialize()
     workflow.run()
     trainer = workflow.parser.get_parsed_content("train#trainer")

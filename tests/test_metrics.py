@@ -198,8 +198,16 @@ def expected_rows():
         else:
             hd_px = asd_px = math.hypot(X, Y)
             hd_mm = asd_mm = math.hypot(X * sx, Y * sy)
-        rows.append({"dice": hand_dice(pred, label), "hd95_px": hd_px, "asd_px": asd_px, "hd95_mm": hd_mm,
-                     "asd_mm": asd_mm, "empty_prediction": not pred.any()})
+        rows.append(
+            {
+                "dice": hand_dice(pred, label),
+                "hd95_px": hd_px,
+                "asd_px": asd_px,
+                "hd95_mm": hd_mm,
+                "asd_mm": asd_mm,
+                "empty_prediction": not pred.any(),
+            }
+        )
     return rows
 
 

@@ -16,9 +16,24 @@ import pytest
 mlflow = pytest.importorskip("mlflow")
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--phantom_subjects", "12", "--phantom_image_size", "[256, 192]", "--spatial_size", "[224, 224]",
-        "--labeled_fraction", "0.3", "--labeled_batch_size", "2", "--unlabeled_batch_size", "2",
-        "--total_iterations", "2", "--val_interval", "1"]
+TINY = [
+    "--phantom_subjects",
+    "12",
+    "--phantom_image_size",
+    "[256, 192]",
+    "--spatial_size",
+    "[224, 224]",
+    "--labeled_fraction",
+    "0.3",
+    "--labeled_batch_size",
+    "2",
+    "--unlabeled_batch_size",
+    "2",
+    "--total_iterations",
+    "2",
+    "--val_interval",
+    "1",
+]
 LOSS_TERMS = ("loss", "sup_a", "sup_b", "cps_a", "cps_b", "ict", "kl", "mig", "divergence", "w_cps", "w_div")
 VALIDATION = ("val_mean_dice", "val_hd95_px", "val_asd_px")
 
@@ -26,11 +41,33 @@ VALIDATION = ("val_mean_dice", "val_hd95_px", "val_asd_px")
 @pytest.mark.slow
 def test_tracking_mlflow_logs_parameters_loss_terms_and_validation_metrics(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json",
-           "--bundle_root", str(tmp_path), *TINY, "--tracking", "mlflow", "--tracking_uri", uri,
-           "--experiment_name", "fetal_us_test", "--run_name", "two_iterations"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                          env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/train.json",
+        "--bundle_root",
+        str(tmp_path),
+        *TINY,
+        "--tracking",
+        "mlflow",
+        "--tracking_uri",
+        uri,
+        "--experiment_name",
+        "fetal_us_test",
+        "--run_name",
+        "two_iterations",
+    ]
+    done = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
     client = mlflow.MlflowClient(tracking_uri=uri)

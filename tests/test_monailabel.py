@@ -18,8 +18,15 @@ from PIL import Image
 
 from scripts.data import prepare_dataset
 from scripts.monailabel_app import EXPORT_MARKER, export
-from scripts.monailabel_venv import (REQUIREMENTS, TORCH_INDEX, build_venv, ensure_venv, installed_torch,
-                                     torch_install_steps, venv_path)
+from scripts.monailabel_venv import (
+    REQUIREMENTS,
+    TORCH_INDEX,
+    build_venv,
+    ensure_venv,
+    installed_torch,
+    torch_install_steps,
+    venv_path,
+)
 from scripts.networks import UNeXt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +44,7 @@ def run(cmd, cwd=ROOT, timeout=1800):
 def app_result(done) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith("result: ")]
     assert lines, f"no result line:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return json.loads(lines[-1][len("result: "):])
+    return json.loads(lines[-1][len("result: ") :])
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +56,14 @@ def monailabel_python():
 def phantom(tmp_path_factory):
     """A 14-subject phantom (320 x 224) and its split: the labelled images feed the datastore, the rest the pool."""
     root = tmp_path_factory.mktemp("phantom")
-    datalist_file = prepare_dataset(root / "phantom", root / "prepared", labeled_fraction=PHANTOM["labeled_fraction"],
-                                    phantom_subjects=PHANTOM["phantom_subjects"],
-                                    phantom_image_size=PHANTOM["phantom_image_size"], progress=False)
+    datalist_file = prepare_dataset(
+        root / "phantom",
+        root / "prepared",
+        labeled_fraction=PHANTOM["labeled_fraction"],
+        phantom_subjects=PHANTOM["phantom_subjects"],
+        phantom_image_size=PHANTOM["phantom_image_size"],
+        progress=False,
+    )
     return root, json.loads(Path(datalist_file).read_text())
 
 
@@ -105,7 +117,9 @@ def test_the_venvs_torch_is_this_environments_version_and_build():
     assert torch_install_steps("2.13.0") == [["torch==2.13.0"]]  # a public build: pip's own index
     # a local build: pip's configured sources (a wheel on disk), else PyTorch's index of exactly that build
     assert torch_install_steps("2.13.0+cpu") == [
-        ["torch==2.13.0+cpu"], ["torch==2.13.0+cpu", "--index-url", "https://download.pytorch.org/whl/cpu"]]
+        ["torch==2.13.0+cpu"],
+        ["torch==2.13.0+cpu", "--index-url", "https://download.pytorch.org/whl/cpu"],
+    ]
     assert torch_install_steps("2.13.0+cu128")[-1][-1] == TORCH_INDEX.format(build="cu128")
     pinned = [line for line in REQUIREMENTS.read_text().splitlines() if line.startswith("torch==")]
     assert pinned == [f"torch=={installed_torch().partition('+')[0]}"]  # the same version, without a local label
@@ -114,8 +128,10 @@ def test_the_venvs_torch_is_this_environments_version_and_build():
 
 
 def test_a_list_for_another_torch_or_with_a_local_pin_is_refused_before_any_work(tmp_path):
-    for pin, message in (("torch==2.13.0+cpu", "local build that public indexes do not serve"),
-                         ("torch==2.12.0", "pins torch==2.12.0 but this environment has torch 2.13.0")):
+    for pin, message in (
+        ("torch==2.13.0+cpu", "local build that public indexes do not serve"),
+        ("torch==2.12.0", "pins torch==2.12.0 but this environment has torch 2.13.0"),
+    ):
         req = tmp_path / "requirements.txt"
         req.write_text(f"{pin}\nmonailabel==0.8.5\n")
         with pytest.raises(ValueError, match=message):
@@ -147,8 +163,24 @@ def test_bundle_infer_task_returns_the_bundles_own_mask(monailabel_python, phant
     export(str(bundle), model=str(model))
 
     out = tmp_path / "bundle_out"
-    run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-         "--bundle_root", tmp_path, "--ckpt_dir", bundle / "models", "--input_dir", image, "--output_dir", out])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--bundle_root",
+            tmp_path,
+            "--ckpt_dir",
+            bundle / "models",
+            "--input_dir",
+            image,
+            "--output_dir",
+            out,
+        ]
+    )
     expected = np.asarray(Image.open(out / (Path(image).stem + "_mask.png")))
     assert 0.2 < expected.mean() < 0.8  # both classes, so the comparison below can fail
 
@@ -174,13 +206,35 @@ def test_bundle_train_task_trains_on_datastore_labels_and_the_unlabelled_pool(mo
         (studies / name).write_bytes(Path(item["image"]).read_bytes())
         (studies / "labels" / "final" / name).write_bytes(Path(item["label"]).read_bytes())
     bundle = tmp_path / "app" / "model" / "fetal_us"
-    export(str(bundle), train_overrides={
-        "dataset_dir": str(root / "phantom"), "prepared_dir": str(root / "prepared"), **PHANTOM,
-        "total_iterations": 2, "val_interval": 1, "labeled_batch_size": 2, "unlabeled_batch_size": 2})
+    export(
+        str(bundle),
+        train_overrides={
+            "dataset_dir": str(root / "phantom"),
+            "prepared_dir": str(root / "prepared"),
+            **PHANTOM,
+            "total_iterations": 2,
+            "val_interval": 1,
+            "labeled_batch_size": 2,
+            "unlabeled_batch_size": 2,
+        },
+    )
     (bundle / "models" / "model.pt").unlink(missing_ok=True)  # train from scratch, whatever the repository holds
 
-    done = run([monailabel_python, APP, "train", "--bundle", bundle, "--studies", studies, "--max_epochs", 2,
-                "--val_split", 0.2])
+    done = run(
+        [
+            monailabel_python,
+            APP,
+            "train",
+            "--bundle",
+            bundle,
+            "--studies",
+            studies,
+            "--max_epochs",
+            2,
+            "--val_split",
+            0.2,
+        ]
+    )
     result = app_result(done)
     assert result["model_written"] and result["datastore_labeled"] == len(labeled) >= 5
     assert result["unlabeled_pool"] == len(datalist["unlabeled"]) > 0

@@ -28,7 +28,6 @@ from scripts.networks.swin_unet import (
 )
 from scripts.networks.unext import shift_tokens
 
-
 # published parameter counts (UNeXt official code; Swin-Unet lite config as used by the paper)
 UNEXT_PARAMS = {1: 1_471_921, 2: 1_471_938, 3: 1_471_955}
 SWIN_UNET_PARAMS_2_CLASSES = 27_168_228
@@ -260,7 +259,7 @@ def ref_pixel_shuffle(x: torch.Tensor, s: int) -> torch.Tensor:
     out = x.new_empty(b, h * s, w * s, c)
     for p1 in range(s):
         for p2 in range(s):
-            out[:, p1::s, p2::s] = x[..., (p1 * s + p2) * c:(p1 * s + p2 + 1) * c]
+            out[:, p1::s, p2::s] = x[..., (p1 * s + p2) * c : (p1 * s + p2 + 1) * c]
     return out
 
 
@@ -359,8 +358,19 @@ def test_window_attention_matches_reference(shifted, mode):
 @pytest.mark.parametrize("grid", [(28, 28), (14, 28), (7, 7)])
 def test_swin_stage_matches_reference_blocks(grid):
     torch.manual_seed(0)
-    stage = EncoderStage(dim=24, depth=4, num_heads=2, window_size=7, resolution=(28, 28), mlp_ratio=4.0,
-                         qkv_bias=True, drop=0.0, attn_drop=0.0, drop_path=[0.0] * 4, downsample=False)
+    stage = EncoderStage(
+        dim=24,
+        depth=4,
+        num_heads=2,
+        window_size=7,
+        resolution=(28, 28),
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop=0.0,
+        attn_drop=0.0,
+        drop_path=[0.0] * 4,
+        downsample=False,
+    )
     for blk in stage.blocks:
         torch.nn.init.normal_(blk.attn.relative_position_bias_table, std=0.5)
     x = torch.randn(2, *grid, 24)
@@ -444,11 +454,27 @@ def _onnx_session(model: torch.nn.Module, x: torch.Tensor, path, dynamic_axes: d
         warnings.simplefilter("ignore")
         if dynamo:
             dims = {axis: torch.export.Dim.DYNAMIC for axis in dynamic_axes["image"]}
-            torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=18, input_names=["image"],
-                              output_names=["pred"], dynamic_shapes={"x": dims})
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=True,
+                opset_version=18,
+                input_names=["image"],
+                output_names=["pred"],
+                dynamic_shapes={"x": dims},
+            )
         else:
-            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["image"],
-                              output_names=["pred"], dynamic_axes=dynamic_axes)
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=False,
+                opset_version=17,
+                input_names=["image"],
+                output_names=["pred"],
+                dynamic_axes=dynamic_axes,
+            )
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
@@ -469,8 +495,19 @@ def test_unext_torchscript_parity_other_batch_and_size(unext):
         scripted(torch.rand(1, 3, 250, 256))
 
 
-@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not os.environ.get("SCRIPTS_SLOW_TESTS"), reason="dynamo ONNX export takes ~30 s; set SCRIPTS_SLOW_TESTS=1"))])
+@pytest.mark.parametrize(
+    "dynamo",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not os.environ.get("SCRIPTS_SLOW_TESTS"),
+                reason="dynamo ONNX export takes ~30 s; set SCRIPTS_SLOW_TESTS=1",
+            ),
+        ),
+    ],
+)
 def test_unext_onnx_parity_dynamic_batch_and_size(unext, tmp_path, dynamo):
     axes = {"image": {0: "batch", 2: "height", 3: "width"}, "pred": {0: "batch", 2: "height", 3: "width"}}
     sess = _onnx_session(unext, torch.rand(1, 3, 64, 64), tmp_path / "unext.onnx", axes, dynamo)

@@ -36,8 +36,18 @@ ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 PACKAGES = ["orthanc", "orthanc-dicomweb"]
 # a quick fully supervised UNeXt on a small phantom: enough to segment the phantom's heads
-TRAIN = ["--config_file", "['configs/train.json','configs/methods/fully_supervised.json']", "--phantom_subjects", "16",
-         "--phantom_image_size", "[320, 224]", "--total_iterations", "100", "--val_interval", "100"]
+TRAIN = [
+    "--config_file",
+    "['configs/train.json','configs/methods/fully_supervised.json']",
+    "--phantom_subjects",
+    "16",
+    "--phantom_image_size",
+    "[320, 224]",
+    "--total_iterations",
+    "100",
+    "--val_interval",
+    "100",
+]
 STUDY_DATE = "20260115"
 PATIENT = {"PatientID": "PACS-TEST-1", "PatientName": "Test^Fetal"}
 # pydicom's real ultrasound files: single-frame ones get one SEG each; the 30-frame cine is limited to two frames
@@ -49,12 +59,15 @@ LOINC_HEAD_CIRCUMFERENCE = "11984-2"
 
 # ---- Orthanc ----------------------------------------------------------------------------------------------------
 
+
 def _orthanc_missing() -> str | None:
     """None when Orthanc and its DICOMweb plugin are installed (.ci/run installs them), else why the tests skip."""
     missing = [str(path) for path in (ORTHANC, DICOMWEB_PLUGIN) if not path.exists()]
     if missing:
-        return (f"Orthanc is not installed ({', '.join(missing)} missing): .ci/run installs the Debian packages "
-                f"{' '.join(PACKAGES)}, or run apt-get install {' '.join(PACKAGES)}")
+        return (
+            f"Orthanc is not installed ({', '.join(missing)} missing): .ci/run installs the Debian packages "
+            f"{' '.join(PACKAGES)}, or run apt-get install {' '.join(PACKAGES)}"
+        )
     return None
 
 
@@ -74,24 +87,32 @@ def orthanc(tmp_path_factory):
     port, user, password = _free_port(), "clinician", secrets.token_urlsafe(12)
     config = {
         "Name": "fetal-pacs-test",
-        "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "storage"),
-        "HttpPort": port, "DicomServerEnabled": False, "DicomPort": _free_port(),
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {user: password},
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "storage"),
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        "DicomPort": _free_port(),
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {user: password},
         "Plugins": [str(DICOMWEB_PLUGIN)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Host": "127.0.0.1", "Ssl": False},
-        "SaveJobs": False, "HttpThreadsCount": 8,
+        "SaveJobs": False,
+        "HttpThreadsCount": 8,
     }
     (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
     log = open(folder / "orthanc.log", "w")
-    process = subprocess.Popen([str(ORTHANC), "--no-jobs", str(folder / "orthanc.json")], stdout=log,
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [str(ORTHANC), "--no-jobs", str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+    )
     root = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while True:
             if process.poll() is not None:
-                raise AssertionError(f"Orthanc exited with {process.returncode}:\n"
-                                     f"{(folder / 'orthanc.log').read_text()[-3000:]}")
+                raise AssertionError(
+                    f"Orthanc exited with {process.returncode}:\n{(folder / 'orthanc.log').read_text()[-3000:]}"
+                )
             try:
                 if requests.get(f"{root}/system", auth=(user, password), timeout=2).status_code == 200:
                     break
@@ -124,6 +145,7 @@ def _instance_count(orthanc) -> int:
 
 # ---- the model ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def bundle_root(tmp_path_factory):
     """A bundle root with this repository's configs and a UNeXt trained here (its phantom in data/phantom)."""
@@ -137,6 +159,7 @@ def bundle_root(tmp_path_factory):
 
 
 # ---- the study in the PACS --------------------------------------------------------------------------------------
+
 
 def _into_study(ds: pydicom.Dataset, study_uid: str) -> pydicom.Dataset:
     ds.StudyInstanceUID, ds.StudyDate = study_uid, STUDY_DATE
@@ -161,8 +184,14 @@ def study(orthanc, bundle_root, tmp_path_factory):
     dataset_dir = bundle_root / "data" / "phantom"
     name, row = next(iter(read_hc18_csv(str(dataset_dir / TRAINING_CSV_NAME)).items()))
     image = np.asarray(Image.open(dataset_dir / "training_set" / name).convert("L"))
-    path = phantom_ultrasound_dicom(image, row["pixel_size_mm"], folder / "phantom.dcm", study_uid=uid,
-                                    patient_id=PATIENT["PatientID"], patient_name=PATIENT["PatientName"])
+    path = phantom_ultrasound_dicom(
+        image,
+        row["pixel_size_mm"],
+        folder / "phantom.dcm",
+        study_uid=uid,
+        patient_id=PATIENT["PatientID"],
+        patient_name=PATIENT["PatientName"],
+    )
     datasets.append(_into_study(pydicom.dcmread(path), uid))
     sources["phantom"] = str(datasets[-1].SOPInstanceUID)
 
@@ -174,15 +203,27 @@ def study(orthanc, bundle_root, tmp_path_factory):
     broken["PixelData"].VR = "OB"
     datasets.append(broken)
     # broken 2: a 16 x 16 image decodes but is below the network's minimum size, so inference refuses it
-    tiny_path = phantom_ultrasound_dicom(np.full((16, 16), 90, np.uint8), 0.2, folder / "tiny.dcm", study_uid=uid,
-                                         patient_id=PATIENT["PatientID"], patient_name=PATIENT["PatientName"])
+    tiny_path = phantom_ultrasound_dicom(
+        np.full((16, 16), 90, np.uint8),
+        0.2,
+        folder / "tiny.dcm",
+        study_uid=uid,
+        patient_id=PATIENT["PatientID"],
+        patient_name=PATIENT["PatientName"],
+    )
     datasets.append(_into_study(pydicom.dcmread(tiny_path), uid))
 
     response = _client(orthanc).store_instances(datasets)
     assert not getattr(response, "FailedSOPSequence", None), response
     assert _instance_count(orthanc) == len(datasets)
-    return {"uid": uid, "sources": sources, "phantom_pixel_size_mm": row["pixel_size_mm"],
-            "broken": str(broken.SOPInstanceUID), "tiny": str(datasets[-1].SOPInstanceUID), "count": len(datasets)}
+    return {
+        "uid": uid,
+        "sources": sources,
+        "phantom_pixel_size_mm": row["pixel_size_mm"],
+        "broken": str(broken.SOPInstanceUID),
+        "tiny": str(datasets[-1].SOPInstanceUID),
+        "count": len(datasets),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +235,16 @@ def first_run(orthanc, study, bundle_root, tmp_path_factory):
     credentials.chmod(0o600)
     # the test model is trained for a few iterations, so its measurements may be flagged: store them marked here
     # (test_flagged_measurement_is_not_stored_as_a_result_unless_asked checks the gate)
-    summary = pacs.run(orthanc["dicomweb"], study_uid=study["uid"], work_dir=str(work), bundle_root=str(bundle_root),
-                       frames=FRAMES, credentials_file=str(credentials), progress=False, store_flagged=True)
+    summary = pacs.run(
+        orthanc["dicomweb"],
+        study_uid=study["uid"],
+        work_dir=str(work),
+        bundle_root=str(bundle_root),
+        frames=FRAMES,
+        credentials_file=str(credentials),
+        progress=False,
+        store_flagged=True,
+    )
     return {"summary": summary, "work": work, "output": work / study["uid"] / "output"}
 
 
@@ -205,14 +254,16 @@ def _stored(summary, source, modality):
 
 def _retrieve(orthanc, study_uid, sop_instance_uid):
     client = _client(orthanc)
-    found = client.search_for_instances(study_instance_uid=study_uid,
-                                        search_filters={"SOPInstanceUID": sop_instance_uid})
+    found = client.search_for_instances(
+        study_instance_uid=study_uid, search_filters={"SOPInstanceUID": sop_instance_uid}
+    )
     assert len(found) == 1, sop_instance_uid
     series = found[0]["0020000E"]["Value"][0]
     return client.retrieve_instance(study_uid, series, sop_instance_uid)
 
 
 # ---- tests ------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_requests_without_credentials_are_refused(orthanc):
@@ -237,8 +288,11 @@ def test_round_trip_stores_a_seg_per_frame_and_the_phantom_sr(first_run, study):
     assert len(_stored(summary, study["sources"][CINE], "SEG")) == len(FRAMES)
     # an SR wherever a frame's ellipse is measured in mm, and only there
     rows = json.loads((first_run["output"] / "measurements.json").read_text())
-    measured = {r["filename"].split("_f")[0].removesuffix(".png") for r in rows
-                if r["unit"] == "mm" and r["circumference"] is not None}
+    measured = {
+        r["filename"].split("_f")[0].removesuffix(".png")
+        for r in rows
+        if r["unit"] == "mm" and r["circumference"] is not None
+    }
     assert study["sources"]["phantom"] in measured
     for name, sop in study["sources"].items():
         assert len(_stored(summary, sop, "SR")) == (1 if sop in measured else 0), name
@@ -272,8 +326,11 @@ def test_sr_read_back_holds_the_phantoms_head_circumference_in_mm(orthanc, first
     source_uid = study["sources"]["phantom"]
     (entry,) = _stored(first_run["summary"], source_uid, "SR")
     sr = _retrieve(orthanc, study["uid"], entry["sop_instance_uid"])
-    (hc,) = [i for i in _numeric_items(sr.ContentSequence)
-             if i.ConceptNameCodeSequence[0].CodeValue == LOINC_HEAD_CIRCUMFERENCE]
+    (hc,) = [
+        i
+        for i in _numeric_items(sr.ContentSequence)
+        if i.ConceptNameCodeSequence[0].CodeValue == LOINC_HEAD_CIRCUMFERENCE
+    ]
     value = hc.MeasuredValueSequence[0]
     assert value.MeasurementUnitsCodeSequence[0].CodeValue == "mm"
     with open(first_run["output"] / "measurements.csv") as f:
@@ -281,8 +338,12 @@ def test_sr_read_back_holds_the_phantoms_head_circumference_in_mm(orthanc, first
     assert row["unit"] == "mm"
     assert float(row["pixel_size_x_mm"]) == pytest.approx(study["phantom_pixel_size_mm"])
     assert float(value.NumericValue) == pytest.approx(float(row["circumference"]), rel=1e-6)
-    evidence = [i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
-                for series in s.ReferencedSeriesSequence for i in series.ReferencedSOPSequence]
+    evidence = [
+        i.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in s.ReferencedSeriesSequence
+        for i in series.ReferencedSOPSequence
+    ]
     assert source_uid in evidence
 
 
@@ -292,10 +353,32 @@ def test_second_run_from_the_cli_stores_nothing_new(orthanc, first_run, study, b
     assert before == study["count"] + len(first_run["summary"]["stored"])
     env = {**os.environ, pacs.ENV_USER: orthanc["user"], pacs.ENV_PASSWORD: orthanc["password"]}
     done = subprocess.run(
-        [sys.executable, "-m", "scripts.pacs", "run", "--url", orthanc["dicomweb"], "--date_from", "20260101",
-         "--date_to", "20261231", "--work_dir", str(first_run["work"]), "--bundle_root", str(bundle_root),
-         "--frames", json.dumps(FRAMES), "--store_flagged", "True"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "scripts.pacs",
+            "run",
+            "--url",
+            orthanc["dicomweb"],
+            "--date_from",
+            "20260101",
+            "--date_to",
+            "20261231",
+            "--work_dir",
+            str(first_run["work"]),
+            "--bundle_root",
+            str(bundle_root),
+            "--frames",
+            json.dumps(FRAMES),
+            "--store_flagged",
+            "True",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 1, output  # the two broken instances fail again
     assert orthanc["password"] not in output
@@ -303,10 +386,13 @@ def test_second_run_from_the_cli_stores_nothing_new(orthanc, first_run, study, b
     summary = json.loads((first_run["work"] / "summary.json").read_text())
     assert summary["stored"] == []
     assert sorted(s["sop_instance_uid"] for s in summary["skipped"]) == sorted(
-        s["sop_instance_uid"] for s in first_run["summary"]["stored"])
+        s["sop_instance_uid"] for s in first_run["summary"]["stored"]
+    )
     assert {s["reason"] for s in summary["skipped"]} == {"already stored"}
-    assert {f["source"]: f["stage"] for f in summary["failed"]} == {study["broken"]: "decode",
-                                                                  study["tiny"]: "inference"}
+    assert {f["source"]: f["stage"] for f in summary["failed"]} == {
+        study["broken"]: "decode",
+        study["tiny"]: "inference",
+    }
     assert "already stored" in output and "failed 2" in output
 
 
@@ -319,8 +405,14 @@ def test_flagged_measurement_is_not_stored_as_a_result_unless_asked(orthanc, bun
     dataset_dir = bundle_root / "data" / "phantom"
     name, row = next(iter(read_hc18_csv(str(dataset_dir / TRAINING_CSV_NAME)).items()))
     image = np.asarray(Image.open(dataset_dir / "training_set" / name).convert("L"))
-    path = phantom_ultrasound_dicom(image, 10 * row["pixel_size_mm"], tmp_path / "giant.dcm", study_uid=uid,
-                                    patient_id="PACS-TEST-2", patient_name="Test^Giant")
+    path = phantom_ultrasound_dicom(
+        image,
+        10 * row["pixel_size_mm"],
+        tmp_path / "giant.dcm",
+        study_uid=uid,
+        patient_id="PACS-TEST-2",
+        patient_name="Test^Giant",
+    )
     source = _into_study(pydicom.dcmread(path), uid)
     assert not getattr(_client(orthanc).store_instances([source]), "FailedSOPSequence", None)
     sop = str(source.SOPInstanceUID)
@@ -328,8 +420,14 @@ def test_flagged_measurement_is_not_stored_as_a_result_unless_asked(orthanc, bun
     credentials.write_text(json.dumps({"user": orthanc["user"], "password": orthanc["password"]}))
     credentials.chmod(0o600)
 
-    summary = pacs.run(orthanc["dicomweb"], study_uid=uid, work_dir=str(tmp_path / "work"),
-                       bundle_root=str(bundle_root), credentials_file=str(credentials), progress=False)
+    summary = pacs.run(
+        orthanc["dicomweb"],
+        study_uid=uid,
+        work_dir=str(tmp_path / "work"),
+        bundle_root=str(bundle_root),
+        credentials_file=str(credentials),
+        progress=False,
+    )
     assert not summary["failed"], summary["failed"]
     (withheld,) = summary["withheld"]
     assert withheld["source"] == sop and "circumference_out_of_range" in withheld["flags"]
@@ -340,17 +438,30 @@ def test_flagged_measurement_is_not_stored_as_a_result_unless_asked(orthanc, bun
     rows = json.loads((tmp_path / "work" / uid / "output" / "measurements.json").read_text())
     assert "circumference_out_of_range" in rows[0]["flags"]  # marked in the JSON (and the CSV beside it)
 
-    marked = pacs.run(orthanc["dicomweb"], study_uid=uid, work_dir=str(tmp_path / "work"),
-                      bundle_root=str(bundle_root), credentials_file=str(credentials), progress=False,
-                      store_flagged=True)
+    marked = pacs.run(
+        orthanc["dicomweb"],
+        study_uid=uid,
+        work_dir=str(tmp_path / "work"),
+        bundle_root=str(bundle_root),
+        credentials_file=str(credentials),
+        progress=False,
+        store_flagged=True,
+    )
     (entry,) = _stored(marked, sop, "SR")
     sr = _retrieve(orthanc, uid, entry["sop_instance_uid"])
-    findings = [i for i in _content(sr.ContentSequence)
-                if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "111052"]
-    assert ("OUT_OF_RANGE", "99FETALUS") in {(i.ConceptCodeSequence[0].CodeValue,
-                                              i.ConceptCodeSequence[0].CodingSchemeDesignator) for i in findings}
-    (hc,) = [i for i in _numeric_items(sr.ContentSequence)
-             if i.ConceptNameCodeSequence[0].CodeValue == LOINC_HEAD_CIRCUMFERENCE]
+    findings = [
+        i
+        for i in _content(sr.ContentSequence)
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "111052"
+    ]
+    assert ("OUT_OF_RANGE", "99FETALUS") in {
+        (i.ConceptCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodingSchemeDesignator) for i in findings
+    }
+    (hc,) = [
+        i
+        for i in _numeric_items(sr.ContentSequence)
+        if i.ConceptNameCodeSequence[0].CodeValue == LOINC_HEAD_CIRCUMFERENCE
+    ]
     assert [q.CodeValue for q in hc.NumericValueQualifierCodeSequence] == ["114009"]  # Value out of range
 
 
@@ -361,6 +472,7 @@ def _content(items):
 
 
 # ---- credentials without a PACS ---------------------------------------------------------------------------------
+
 
 def test_credentials_from_a_file_or_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(pacs.ENV_USER, raising=False)
@@ -384,8 +496,10 @@ def test_credentials_from_a_file_or_the_environment(tmp_path, monkeypatch):
 
 
 def test_credentials_in_the_url_are_refused_and_masked():
-    assert pacs.masked_url("https://u:topsecret@pacs.example.org:8443/dicom-web") == \
-        "https://***@pacs.example.org:8443/dicom-web"
+    assert (
+        pacs.masked_url("https://u:topsecret@pacs.example.org:8443/dicom-web")
+        == "https://***@pacs.example.org:8443/dicom-web"
+    )
     with pytest.raises(pacs.PacsError) as error:
         pacs.connect("https://u:topsecret@pacs.example.org/dicom-web", None)
     assert "topsecret" not in str(error.value)
@@ -393,6 +507,7 @@ def test_credentials_in_the_url_are_refused_and_masked():
 
 def test_an_inference_failure_past_preprocessing_fails_only_its_source(tmp_path, monkeypatch):
     """The whole-study run fails; each source then runs alone and only the failing one is reported."""
+
     class Parser:
         def get_parsed_content(self, key):
             assert key == "preprocessing"
@@ -405,13 +520,17 @@ def test_an_inference_failure_past_preprocessing_fails_only_its_source(tmp_path,
 
     monkeypatch.setattr(pacs, "inference_parser", lambda *args: Parser())
     monkeypatch.setattr(pacs, "run_inference", fake_inference)
-    sources = {"1.1": [{"image": "/f/good.png", "frame": 0}], "1.2": [{"image": "/f/bad.png", "frame": 0}],
-               "1.3": [{"image": "/f/cine_f000.png", "frame": 0}, {"image": "/f/cine_f003.png", "frame": 3}]}
+    sources = {
+        "1.1": [{"image": "/f/good.png", "frame": 0}],
+        "1.2": [{"image": "/f/bad.png", "frame": 0}],
+        "1.3": [{"image": "/f/cine_f000.png", "frame": 0}, {"image": "/f/cine_f003.png", "frame": 3}],
+    }
     summary = {"failed": []}
     rows = pacs._infer_all(tmp_path, tmp_path / "study", sources, summary, "9.9", progress=False)
     assert sorted(rows) == ["cine_f000.png", "cine_f003.png", "good.png"]
-    assert summary["failed"] == [{"study": "9.9", "source": "1.2", "stage": "inference",
-                                  "reason": "ValueError: bad.png: the network failed"}]
+    assert summary["failed"] == [
+        {"study": "9.9", "source": "1.2", "stage": "inference", "reason": "ValueError: bad.png: the network failed"}
+    ]
     assert sources["1.2"] == [] and len(sources["1.3"]) == 2
     written = json.loads((tmp_path / "study" / "output" / "measurements.json").read_text())
     assert [r["filename"] for r in written] == ["good.png", "cine_f000.png", "cine_f003.png"]

@@ -89,17 +89,32 @@ def bundle_root(tmp_path):
 
 
 CASES = {
-    "malformed QIDO JSON": (malformed_study, r"the study search \(GET {url}/studies\?.*\) failed: malformed answer: "
-                                             r"an entry without StudyInstanceUID \(0020000D\)"),
-    "non-JSON body": (not_json, r"the study search \(GET {url}/studies\?.*\) failed: the answer is not JSON "
-                                r"\(it starts '<html><body>Please log in"),
-    "never answers": (never_answers, r"the study search \(GET {url}/studies\?.*\) failed: no answer within 2 s "
-                                     r"\(--timeout\)"),
-    "repeated 503": (unavailable, r"the study search \(GET {url}/studies\?.*\) failed: HTTP 503 Service "
-                                  r"Unavailable on each of 2 attempts \(--retries\)"),
-    "malformed series": (malformed_series, rf"the series search of study {STUDY} \(GET {{url}}/studies/{STUDY}/"
-                                           r"series\?.*\) failed: malformed answer: an entry without "
-                                           r"SeriesInstanceUID \(0020000E\)"),
+    "malformed QIDO JSON": (
+        malformed_study,
+        r"the study search \(GET {url}/studies\?.*\) failed: malformed answer: "
+        r"an entry without StudyInstanceUID \(0020000D\)",
+    ),
+    "non-JSON body": (
+        not_json,
+        r"the study search \(GET {url}/studies\?.*\) failed: the answer is not JSON "
+        r"\(it starts '<html><body>Please log in",
+    ),
+    "never answers": (
+        never_answers,
+        r"the study search \(GET {url}/studies\?.*\) failed: no answer within 2 s "
+        r"\(--timeout\)",
+    ),
+    "repeated 503": (
+        unavailable,
+        r"the study search \(GET {url}/studies\?.*\) failed: HTTP 503 Service "
+        r"Unavailable on each of 2 attempts \(--retries\)",
+    ),
+    "malformed series": (
+        malformed_series,
+        rf"the series search of study {STUDY} \(GET {{url}}/studies/{STUDY}/"
+        r"series\?.*\) failed: malformed answer: an entry without "
+        r"SeriesInstanceUID \(0020000E\)",
+    ),
 }
 
 
@@ -109,8 +124,15 @@ def test_misbehaving_server_ends_in_one_line_naming_server_request_and_cause(cas
     server, url, seen = stand_in(answer)
     try:
         with pytest.raises(pacs.PacsError) as error:
-            pacs.run(url, study_uid=STUDY, work_dir=str(tmp_path / "work"), bundle_root=str(bundle_root),
-                     timeout=2, retries=2, progress=False)
+            pacs.run(
+                url,
+                study_uid=STUDY,
+                work_dir=str(tmp_path / "work"),
+                bundle_root=str(bundle_root),
+                timeout=2,
+                retries=2,
+                progress=False,
+            )
     finally:
         server.shutdown()
     text = str(error.value)
@@ -127,9 +149,29 @@ def test_misbehaving_server_from_the_command_line(bundle_root, tmp_path):
     server, url, _ = stand_in(malformed_study)
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "scripts.pacs", "run", "--url", url, "--study_uid", STUDY, "--bundle_root",
-             str(bundle_root), "--work_dir", str(tmp_path / "work"), "--timeout", "2", "--progress", "False"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "scripts.pacs",
+                "run",
+                "--url",
+                url,
+                "--study_uid",
+                STUDY,
+                "--bundle_root",
+                str(bundle_root),
+                "--work_dir",
+                str(tmp_path / "work"),
+                "--timeout",
+                "2",
+                "--progress",
+                "False",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         server.shutdown()
     assert done.returncode == 2, done.stdout + done.stderr
@@ -140,8 +182,7 @@ def test_misbehaving_server_from_the_command_line(bundle_root, tmp_path):
 
 @pytest.mark.slow
 def test_bare_command_prints_help_not_a_traceback():
-    done = subprocess.run([sys.executable, "-m", "scripts.pacs"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-m", "scripts.pacs"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert "Traceback" not in output and "KeyError" not in output, output
     assert "usage" in output.lower() and "run" in output, output
@@ -155,6 +196,7 @@ def test_bad_timeout_or_retries_are_refused(tmp_path):
 
 
 # ---- flagged measurements ------------------------------------------------------------------------------------------
+
 
 def flag_codes(sr):
     """Code values of the DCM 111052 "Quality Finding" items anywhere in an SR's content tree."""
@@ -176,21 +218,29 @@ class InMemoryPacs:
 
     @staticmethod
     def _json(ds, *keywords):
-        return {f"{pydicom.datadict.tag_for_keyword(k):08X}": {"vr": "UI", "Value": [str(getattr(ds, k))]}
-                for k in keywords}
+        return {
+            f"{pydicom.datadict.tag_for_keyword(k):08X}": {"vr": "UI", "Value": [str(getattr(ds, k))]} for k in keywords
+        }
 
     def search_for_studies(self, search_filters=None, **_):
         return [self._json(ds, "StudyInstanceUID") for ds in self.instances.values()][:1]
 
     def search_for_series(self, study_instance_uid, search_filters=None, **_):
-        return [self._json(ds, "SeriesInstanceUID") for ds in self.instances.values()
-                if ds.StudyInstanceUID == study_instance_uid and ds.Modality == "US"]
+        return [
+            self._json(ds, "SeriesInstanceUID")
+            for ds in self.instances.values()
+            if ds.StudyInstanceUID == study_instance_uid and ds.Modality == "US"
+        ]
 
     def search_for_instances(self, study_instance_uid, series_instance_uid=None, search_filters=None, **_):
         wanted = (search_filters or {}).get("SOPInstanceUID")
-        return [self._json(ds, "SOPInstanceUID") for uid, ds in self.instances.items()
-                if ds.StudyInstanceUID == study_instance_uid and (wanted is None or uid == wanted)
-                and (series_instance_uid is None or ds.SeriesInstanceUID == series_instance_uid)]
+        return [
+            self._json(ds, "SOPInstanceUID")
+            for uid, ds in self.instances.items()
+            if ds.StudyInstanceUID == study_instance_uid
+            and (wanted is None or uid == wanted)
+            and (series_instance_uid is None or ds.SeriesInstanceUID == series_instance_uid)
+        ]
 
     def retrieve_instance(self, study, series, sop):
         return self.instances[sop]
@@ -206,14 +256,23 @@ def test_flagged_measurement_is_withheld_unless_asked(bundle_root, tmp_path, mon
     plausible SR are stored and the flagged measurement is withheld (summary, log); with store_flagged=True its SR
     is stored, marked with the flag."""
     image = np.full((120, 160), 40, np.uint8)
-    sources = [pydicom.dcmread(phantom_ultrasound_dicom(image + i, 0.3, tmp_path / f"scan{i}.dcm", study_uid=STUDY))
-               for i in range(2)]
+    sources = [
+        pydicom.dcmread(phantom_ultrasound_dicom(image + i, 0.3, tmp_path / f"scan{i}.dcm", study_uid=STUDY))
+        for i in range(2)
+    ]
     mask = np.zeros((120, 160), np.uint8)
     mask[30:90, 40:120] = 1
-    rows = {0: {"unit": "mm", "semi_axes_a": 12.0, "semi_axes_b": 9.0, "circumference": 66.3, "area": 339.0,
-                "flags": ""},
-            1: {"unit": "mm", "semi_axes_a": 100.0, "semi_axes_b": 80.0, "circumference": 568.9, "area": 25000.0,
-                "flags": "circumference_out_of_range;touches_sector_border"}}
+    rows = {
+        0: {"unit": "mm", "semi_axes_a": 12.0, "semi_axes_b": 9.0, "circumference": 66.3, "area": 339.0, "flags": ""},
+        1: {
+            "unit": "mm",
+            "semi_axes_a": 100.0,
+            "semi_axes_b": 80.0,
+            "circumference": 568.9,
+            "area": 25000.0,
+            "flags": "circumference_out_of_range;touches_sector_border",
+        },
+    }
 
     def fake_inference(bundle, study_dir, items_by_source, summary, study, progress):
         found = {}
@@ -229,8 +288,14 @@ def test_flagged_measurement_is_withheld_unless_asked(bundle_root, tmp_path, mon
     for store_flagged in (False, True):
         server = InMemoryPacs(sources)
         monkeypatch.setattr(pacs, "connect", lambda *args, **kwargs: server)
-        summary = pacs.run(server.base_url, study_uid=STUDY, work_dir=str(tmp_path / f"work{store_flagged}"),
-                           bundle_root=str(bundle_root), progress=False, store_flagged=store_flagged)
+        summary = pacs.run(
+            server.base_url,
+            study_uid=STUDY,
+            work_dir=str(tmp_path / f"work{store_flagged}"),
+            bundle_root=str(bundle_root),
+            progress=False,
+            store_flagged=store_flagged,
+        )
         assert not summary["failed"], summary["failed"]
         stored = {(s["source"], s["modality"]) for s in summary["stored"]}
         good, flagged = (str(s.SOPInstanceUID) for s in sources)
@@ -238,9 +303,16 @@ def test_flagged_measurement_is_withheld_unless_asked(bundle_root, tmp_path, mon
         reports = [ds for ds in server.instances.values() if ds.Modality == "SR"]
         if not store_flagged:
             assert (flagged, "SR") not in stored and len(reports) == 1
-            assert summary["withheld"] == [{"study": STUDY, "source": flagged, "frame": 0, "unit": "mm",
-                                            "flags": ["circumference_out_of_range", "touches_sector_border"],
-                                            "circumference": 568.9}]
+            assert summary["withheld"] == [
+                {
+                    "study": STUDY,
+                    "source": flagged,
+                    "frame": 0,
+                    "unit": "mm",
+                    "flags": ["circumference_out_of_range", "touches_sector_border"],
+                    "circumference": 568.9,
+                }
+            ]
         else:
             assert (flagged, "SR") in stored and not summary["withheld"] and len(reports) == 2
             codes = {str(r.SOPInstanceUID): sorted(flag_codes(r)) for r in reports}

@@ -44,8 +44,9 @@ def test_pretrain_command_writes_an_encoder_that_loads_completely(tmp_path):
     generate_phantom(dataset, num_subjects=8, image_size=(256, 192), seed=1, progress=False)
     prepared = tmp_path / "prepared"
     prepare_dataset(dataset, prepared, labeled_count=2, seed=0, progress=False)
-    out = pretrain(prepared_dir=str(prepared), output=str(tmp_path / "swin_simmim.pt"), iterations=2, batch_size=2,
-                   progress=False)
+    out = pretrain(
+        prepared_dir=str(prepared), output=str(tmp_path / "swin_simmim.pt"), iterations=2, batch_size=2, progress=False
+    )
     checkpoint = torch.load(out, weights_only=True)
     assert checkpoint["simmim"]["iterations"] == 2
     encoder = checkpoint["model"]
@@ -53,8 +54,12 @@ def test_pretrain_command_writes_an_encoder_that_loads_completely(tmp_path):
     model = SwinUnet(in_channels=3, out_channels=2, img_size=224)
     own_encoder = [k for k in model.state_dict() if k.startswith(ENCODER_PREFIXES)]
     assert sorted(encoder) == sorted(own_encoder)  # every encoder tensor is in the file, nothing else
-    mirrored = [k for k in model.state_dict() if k.startswith("layers_up.")
-                and f"layers.{model.num_layers - 1 - int(k.split('.')[1])}.{k.split('.', 2)[2]}" in encoder]
+    mirrored = [
+        k
+        for k in model.state_dict()
+        if k.startswith("layers_up.")
+        and f"layers.{model.num_layers - 1 - int(k.split('.')[1])}.{k.split('.', 2)[2]}" in encoder
+    ]
     loaded, skipped = load_swin_pretrained(model, out)
     assert (loaded, skipped) == (len(own_encoder) + len(mirrored), 0)
     for k in own_encoder:

@@ -15,9 +15,24 @@ from scripts.settings import find_resume_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 # 4 iterations, a checkpoint after each; the published model is the one of the last iteration (best model chosen
 # from iteration 4 on), so that its bytes depend on every iteration after the kill
-TINY = ["--phantom_subjects", "14", "--phantom_image_size", "[320, 224]", "--labeled_fraction", "0.3",
-        "--total_iterations", "4", "--val_interval", "1", "--labeled_batch_size", "2", "--unlabeled_batch_size", "2",
-        "--best_model_after_iteration", "4"]
+TINY = [
+    "--phantom_subjects",
+    "14",
+    "--phantom_image_size",
+    "[320, 224]",
+    "--labeled_fraction",
+    "0.3",
+    "--total_iterations",
+    "4",
+    "--val_interval",
+    "1",
+    "--labeled_batch_size",
+    "2",
+    "--unlabeled_batch_size",
+    "2",
+    "--best_model_after_iteration",
+    "4",
+]
 
 
 def checkpoint_files(folder: Path) -> list[str]:
@@ -37,8 +52,22 @@ def train(root: Path, name: str, *args: str, kill: str | None = None) -> subproc
         imports = base["imports"] + ["$import tests.kill_probe as kill_probe"]
         override.write_text(json.dumps({"imports": imports, "run": run}))
         configs.append(str(override))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs), "--bundle_root", str(root),
-           "--output_dir", str(root / name / "eval"), "--ckpt_dir", str(root / name / "models"), *TINY, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr(configs),
+        "--bundle_root",
+        str(root),
+        "--output_dir",
+        str(root / name / "eval"),
+        "--ckpt_dir",
+        str(root / name / "models"),
+        *TINY,
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
 
 
@@ -86,8 +115,10 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_model(runs):
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert model_bytes(runs, "sigkill") == model_bytes(runs, "straight")
     # every tensor and number of the final checkpoint too: weights, optimisers, generators, data order
-    assert_same_state(torch.load(runs / "straight" / FINAL, weights_only=True),
-                      torch.load(runs / "sigkill" / FINAL, weights_only=True))
+    assert_same_state(
+        torch.load(runs / "straight" / FINAL, weights_only=True),
+        torch.load(runs / "sigkill" / FINAL, weights_only=True),
+    )
 
 
 @pytest.mark.slow
@@ -107,8 +138,10 @@ def test_sigterm_during_a_checkpoint_write_and_a_damaged_checkpoint_then_resume_
     assert f"skipping damaged checkpoint {second}" in log
     assert f"resuming from {folder / 'resume_checkpoint_epoch=1.pt'}" in log
     assert model_bytes(runs, "sigterm") == model_bytes(runs, "straight")
-    assert_same_state(torch.load(runs / "straight" / FINAL, weights_only=True),
-                      torch.load(runs / "sigterm" / FINAL, weights_only=True))
+    assert_same_state(
+        torch.load(runs / "straight" / FINAL, weights_only=True),
+        torch.load(runs / "sigterm" / FINAL, weights_only=True),
+    )
     assert not list(folder.glob("*.tmp"))  # the stale temporary file is cleared
 
 

@@ -35,9 +35,26 @@ def test_a_fresh_clone_runs_inference_with_the_shipped_model(tmp_path):
     for path in sorted(images.glob("*_HC.png")):
         (inputs / path.name).write_bytes(path.read_bytes())
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                           "--dataset_dir", str(inputs), "--output_dir", str(out), "--pixel_size_mm", "0.2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--dataset_dir",
+            str(inputs),
+            "--output_dir",
+            str(out),
+            "--pixel_size_mm",
+            "0.2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     names = sorted(p.stem for p in inputs.glob("*.png"))
     for name in names:

@@ -48,16 +48,29 @@ def make_loaders(n_labeled=4, n_unlabeled=8, lb=1, ub=4, seed=0):
     )
 
 
-def method(cps_weight=0.0, ict_weight=0.0, divergence_weight=0.0, mt_weight=0.0, ict_warmup_iterations=1000,
-           teacher_of="b"):
+def method(
+    cps_weight=0.0, ict_weight=0.0, divergence_weight=0.0, mt_weight=0.0, ict_warmup_iterations=1000, teacher_of="b"
+):
     """The trainer's terms and EMA teacher as configs/train.json declares them, from its weights."""
-    terms = [CrossPseudoSupervisionTerm(cps_weight), InformationDivergenceTerm(divergence_weight),
-             InterpolationConsistencyTerm(ict_weight, warmup_iterations=ict_warmup_iterations), MeanTeacherTerm(mt_weight)]
+    terms = [
+        CrossPseudoSupervisionTerm(cps_weight),
+        InformationDivergenceTerm(divergence_weight),
+        InterpolationConsistencyTerm(ict_weight, warmup_iterations=ict_warmup_iterations),
+        MeanTeacherTerm(mt_weight),
+    ]
     return {"loss_function": SupervisedLoss(), "terms": terms, "ema_teacher": EmaTeacher(student=teacher_of)}
 
 
-def make_trainer(iterations=3, net_b=True, max_epochs=1, unlabeled=None, max_iterations=None, amp=False,
-                 amp_dtype="bfloat16", **weights):
+def make_trainer(
+    iterations=3,
+    net_b=True,
+    max_epochs=1,
+    unlabeled=None,
+    max_iterations=None,
+    amp=False,
+    amp_dtype="bfloat16",
+    **weights,
+):
     a, b = CountingNet(0), CountingNet(1) if net_b else None
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9) if net_b else None
@@ -66,9 +79,19 @@ def make_trainer(iterations=3, net_b=True, max_epochs=1, unlabeled=None, max_ite
         kwargs = {"cps_weight": 0.0, "ict_weight": 0.0, "divergence_weight": 0.0}
     kwargs.update(weights)
     trainer = DualNetworkTrainer(
-        device="cpu", max_epochs=max_epochs, epoch_length=iterations, train_data_loader=make_loaders(ub=4 if (net_b if unlabeled is None else unlabeled) else 0),
-        network_a=a, optimizer_a=opt_a, network_b=b, optimizer_b=opt_b, rampup_length=200, max_iterations=max_iterations,
-        amp=amp, amp_dtype=amp_dtype, **method(**kwargs),
+        device="cpu",
+        max_epochs=max_epochs,
+        epoch_length=iterations,
+        train_data_loader=make_loaders(ub=4 if (net_b if unlabeled is None else unlabeled) else 0),
+        network_a=a,
+        optimizer_a=opt_a,
+        network_b=b,
+        optimizer_b=opt_b,
+        rampup_length=200,
+        max_iterations=max_iterations,
+        amp=amp,
+        amp_dtype=amp_dtype,
+        **method(**kwargs),
     )
     return trainer, a, b
 
@@ -124,13 +147,30 @@ def test_events_fire_and_output_holds_every_term():
     trainer.run()
     assert all(count == 2 for count in fired.values()), fired
     terms = loss_terms(trainer.state.output)
-    for key in ("loss", "sup_a", "sup_b", "cps_a", "cps_b", "ict", "kl", "mig", "divergence", "w_cps", "w_ict", "w_div"):
+    for key in (
+        "loss",
+        "sup_a",
+        "sup_b",
+        "cps_a",
+        "cps_b",
+        "ict",
+        "kl",
+        "mig",
+        "divergence",
+        "w_cps",
+        "w_ict",
+        "w_div",
+    ):
         assert key in terms and isinstance(terms[key], float)
     # t = 1, ramp interval = 2 // 200 -> 1: s = 1 of L = 200
     assert terms["w_cps"] == pytest.approx(torch.exp(torch.tensor(-5 * (1 - 1 / 200) ** 2)).item(), rel=1e-6)
     assert terms["loss"] == pytest.approx(
-        terms["sup_a"] + terms["sup_b"] + terms["w_cps"] * (terms["cps_a"] + terms["cps_b"])
-        + terms["w_ict"] * terms["ict"] + terms["w_div"] * terms["divergence"], rel=1e-5,
+        terms["sup_a"]
+        + terms["sup_b"]
+        + terms["w_cps"] * (terms["cps_a"] + terms["cps_b"])
+        + terms["w_ict"] * terms["ict"]
+        + terms["w_div"] * terms["divergence"],
+        rel=1e-5,
     )
 
 
@@ -190,8 +230,8 @@ def test_single_unext_with_its_own_ema_teacher(term):
     capture_outputs(trainer.teacher, teacher)
     trainer.run()
     out = loss_terms(trainer.state.output)
-    (x, logits_a), = student
-    (x_t, logits_t), = teacher
+    ((x, logits_a),) = student
+    ((x_t, logits_t),) = teacher
     x_u = x[1:5]
     p_t = torch.softmax(logits_t, 1)
     if term == "mt":
@@ -222,8 +262,14 @@ def test_teacher_of_is_checked():
 def test_resume_continues_iterations_and_optimiser_state(tmp_path):
     def build(max_epochs):
         trainer, a, b = make_trainer(iterations=3, max_epochs=max_epochs)
-        objs = {"a": a, "b": b, "teacher": trainer.teacher, "optimizer_a": trainer.optimizer_a,
-                "optimizer_b": trainer.optimizer_b, "trainer": trainer}
+        objs = {
+            "a": a,
+            "b": b,
+            "teacher": trainer.teacher,
+            "optimizer_a": trainer.optimizer_a,
+            "optimizer_b": trainer.optimizer_b,
+            "trainer": trainer,
+        }
         return trainer, objs
 
     torch.manual_seed(0)
@@ -242,7 +288,9 @@ def test_resume_continues_iterations_and_optimiser_state(tmp_path):
     def check_loaded(engine):  # runs after CheckpointLoader (attached first) at STARTED
         mom = [s["momentum_buffer"] for s in engine.optimizer_a.state_dict()["state"].values()]
         checked["momentum"] = len(mom) == len(mom_saved) and all(torch.equal(x, y) for x, y in zip(mom_saved, mom))
-        checked["teacher"] = all(torch.equal(x, y) for x, y in zip(objs["teacher"].parameters(), objs2["teacher"].parameters()))
+        checked["teacher"] = all(
+            torch.equal(x, y) for x, y in zip(objs["teacher"].parameters(), objs2["teacher"].parameters())
+        )
         checked["iteration"] = engine.state.iteration
 
     second.add_event_handler(Events.STARTED, check_loaded)
@@ -260,11 +308,22 @@ def test_teacher_follows_the_students_batch_norm_statistics():
     """The teacher runs in eval mode, so its BN running statistics must be the EMA of the student's, not the init."""
     a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
     opt = torch.optim.SGD(a.parameters(), lr=0.1)
-    trainer = DualNetworkTrainer(device="cpu", max_epochs=1, epoch_length=2, train_data_loader=make_loaders(),
-                                 network_a=a, optimizer_a=opt, **method(mt_weight=1.0, teacher_of="a"))
+    trainer = DualNetworkTrainer(
+        device="cpu",
+        max_epochs=1,
+        epoch_length=2,
+        train_data_loader=make_loaders(),
+        network_a=a,
+        optimizer_a=opt,
+        **method(mt_weight=1.0, teacher_of="a"),
+    )
     seen = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(
-        (a[1].running_mean.clone(), e.teacher[1].running_mean.clone(), e.teacher[1].num_batches_tracked.clone())))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda e: seen.append(
+            (a[1].running_mean.clone(), e.teacher[1].running_mean.clone(), e.teacher[1].num_batches_tracked.clone())
+        ),
+    )
     trainer.run()
     (s0, t0, n0), (s1, t1, n1) = seen
     assert torch.equal(t0, s0) and s0.abs().sum() > 0  # t = 0: alpha 0, the teacher takes the student's statistics
@@ -368,9 +427,16 @@ def test_same_batch_supervised_forward_sees_the_unlabelled_rows_but_scores_only_
     x_l, y = torch.rand(1, 1, 64, 64), (torch.rand(1, 1, 64, 64) > 0.5).float()
     x_u = torch.rand(4, 1, 64, 64)
     loader = [{"labeled": {"image": x_l, "label": y}, "unlabeled": {"image": x_u}}]
-    trainer = DualNetworkTrainer(device="cpu", max_epochs=1, train_data_loader=loader, epoch_length=1,
-                                 network_a=network, optimizer_a=torch.optim.SGD(network.parameters(), lr=0.0),
-                                 forward_unlabeled=True, **method())
+    trainer = DualNetworkTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=loader,
+        epoch_length=1,
+        network_a=network,
+        optimizer_a=torch.optim.SGD(network.parameters(), lr=0.0),
+        forward_unlabeled=True,
+        **method(),
+    )
     trainer.run()
     assert seen == [5]
     out = trainer.state.output
@@ -400,15 +466,22 @@ def test_teacher_rows_are_read_by_name_with_ict_and_mean_teacher_together():
     """ICT and Mean Teacher on one teacher: one teacher call on x_u and x_u + noise; each term's target is the
     teacher's output on its own input, found here by comparing inputs, not by where the rows sit."""
     torch.manual_seed(0)
-    trainer, a, _ = make_trainer(iterations=1, net_b=False, unlabeled=True, teacher_of="a", ict_weight=1.0,
-                                 ict_warmup_iterations=0, mt_weight=1.0)
+    trainer, a, _ = make_trainer(
+        iterations=1,
+        net_b=False,
+        unlabeled=True,
+        teacher_of="a",
+        ict_weight=1.0,
+        ict_warmup_iterations=0,
+        mt_weight=1.0,
+    )
     student, teacher = [], []
     capture_outputs(a, student)
     capture_outputs(trainer.teacher, teacher)
     trainer.run()
     out = loss_terms(trainer.state.output)
-    (x, logits_a), = student
-    (x_t, logits_t), = teacher  # one teacher call
+    ((x, logits_a),) = student
+    ((x_t, logits_t),) = teacher  # one teacher call
     x_u = x[1:5]
     clean = [i for i in range(x_t.shape[0]) if torch.equal(x_t[i], x_u[i % 4])]
     noisy = [i for i in range(x_t.shape[0]) if i not in clean]
@@ -431,7 +504,7 @@ def test_a_term_without_its_network_or_with_a_negative_weight_is_refused():
 
 
 def test_log_line_names_the_iteration_the_ramp_reaches_full_weight():
-    """Full weight from the first t with t // r >= L, t = r L, whatever rampup_iterations asked for (r is at least 1)."""
+    """Full weight from the first t with t // r >= L, t = r L, whatever rampup_iterations asked for (r >= 1)."""
     trainer, _, _ = make_trainer(iterations=10, max_epochs=30, ict_warmup_iterations=7)  # 300 iterations, L = 200
     assert trainer.rampup_interval() == 1
     line = trainer.describe_terms()

@@ -2,7 +2,14 @@
 
 from .datalist import prepare_dataset, split_subjects
 from .hc18 import ellipse_circumference, fill_outline, list_hc18, load_hc18_mask, read_hc18_csv
-from .phantom import PHANTOM_FOLDERS, PHANTOM_SUBJECTS, ellipse_mask, ellipse_outline, generate_phantom, save_phantom_montage
+from .phantom import (
+    PHANTOM_FOLDERS,
+    PHANTOM_SUBJECTS,
+    ellipse_mask,
+    ellipse_outline,
+    generate_phantom,
+    save_phantom_montage,
+)
 
 __all__ = [
     "PHANTOM_FOLDERS",

@@ -31,17 +31,35 @@ def bundle_phantom(dataset_dir) -> str | None:
     return None
 
 
-def phantom(dataset_dir: str, num_subjects: int = 200, repeat_fraction: float = 0.2, image_size=(800, 540),
-            seed: int = 0) -> str:
+def phantom(
+    dataset_dir: str, num_subjects: int = 200, repeat_fraction: float = 0.2, image_size=(800, 540), seed: int = 0
+) -> str:
     """Write a synthetic HC18-like training set into DATASET_DIR/training_set (+ CSV, phantom.json); prints it."""
-    return str(generate_phantom(dataset_dir, num_subjects=num_subjects, repeat_fraction=repeat_fraction,
-                                image_size=tuple(image_size), seed=seed))
+    return str(
+        generate_phantom(
+            dataset_dir,
+            num_subjects=num_subjects,
+            repeat_fraction=repeat_fraction,
+            image_size=tuple(image_size),
+            seed=seed,
+        )
+    )
 
 
-def prepare(dataset_dir: str, prepared_dir: str, labeled_fraction: float = DEFAULT_LABELED_FRACTION,
-            seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2, labeled_count: int | None = None,
-            max_train_images: int | None = None, layout: str | None = None, pixel_size_mm: float | None = None,
-            acouslic_labels: str = "binary", acouslic_unlabeled_per_volume: int = 24) -> str:
+def prepare(
+    dataset_dir: str,
+    prepared_dir: str,
+    labeled_fraction: float = DEFAULT_LABELED_FRACTION,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    labeled_count: int | None = None,
+    max_train_images: int | None = None,
+    layout: str | None = None,
+    pixel_size_mm: float | None = None,
+    acouslic_labels: str = "binary",
+    acouslic_unlabeled_per_volume: int = 24,
+) -> str:
     """Write PREPARED_DIR/datalist.json (and HC18's filled masks, extracted frames) from DATASET_DIR; prints its path.
 
     DATASET_DIR must exist and hold a supported layout; the bundle's own data/phantom folder is the one exception
@@ -53,12 +71,22 @@ def prepare(dataset_dir: str, prepared_dir: str, labeled_fraction: float = DEFAU
     ACOUSLIC_UNLABELED_PER_VOLUME: frames without abdomen sampled per volume into the unlabelled pool.
     """
     own_phantom = bundle_phantom(dataset_dir)
-    return prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=labeled_fraction, seed=seed,
-                           val_fraction=val_fraction, test_fraction=test_fraction, labeled_count=labeled_count,
-                           max_train_images=max_train_images, generate_phantom_if_empty=own_phantom is not None,
-                           phantom_subjects=PHANTOM_SUBJECTS[own_phantom or "demo"], layout=layout,
-                           pixel_size_mm=pixel_size_mm, acouslic_labels=acouslic_labels,
-                           acouslic_unlabeled_per_volume=acouslic_unlabeled_per_volume)
+    return prepare_dataset(
+        dataset_dir,
+        prepared_dir,
+        labeled_fraction=labeled_fraction,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        labeled_count=labeled_count,
+        max_train_images=max_train_images,
+        generate_phantom_if_empty=own_phantom is not None,
+        phantom_subjects=PHANTOM_SUBJECTS[own_phantom or "demo"],
+        layout=layout,
+        pixel_size_mm=pixel_size_mm,
+        acouslic_labels=acouslic_labels,
+        acouslic_unlabeled_per_volume=acouslic_unlabeled_per_volume,
+    )
 
 
 def montage(dataset_dir: str, output_png: str, count: int = 8) -> str:

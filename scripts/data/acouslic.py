@@ -5,7 +5,8 @@
     <root>/circumferences/fetal_abdominal_circumferences_per_sweep.csv   uuid,subject_id,sweep_1_ac_mm..sweep_6_ac_mm
 
 Frames whose mask is non-zero become labelled candidates; ``unlabeled_per_volume`` frames drawn (seeded) from the
-others (drawn per volume, the same for every split seed) form the unlabelled pool. Labels are binarised (any non-zero is the abdomen, as the paper's F-Abd set) or,
+others (drawn per volume, the same for every split seed) form the unlabelled pool. Labels are binarised (any
+non-zero is the abdomen, as the paper's F-Abd set) or,
 with ``labels="keep"``, kept as 1 optimal / 2 suboptimal. Volumes are read one at a time through ITK, one sweep-sized
 chunk of frames at a time where the file can be streamed (uncompressed MetaImage), else one whole volume at a time:
 never more than one volume in memory. The frames are written once as PNGs under ``frames_dir/<uuid>/`` with an
@@ -29,8 +30,16 @@ from tqdm import tqdm
 
 from ..files import write_atomic, write_json_atomic
 
-__all__ = ["IMAGES_DIR", "MASKS_DIR", "CSV_PATH", "CSV_HEADER", "is_acouslic", "read_circumferences",
-           "StackReader", "extract_acouslic"]
+__all__ = [
+    "IMAGES_DIR",
+    "MASKS_DIR",
+    "CSV_PATH",
+    "CSV_HEADER",
+    "is_acouslic",
+    "read_circumferences",
+    "StackReader",
+    "extract_acouslic",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +64,10 @@ def read_circumferences(csv_path) -> dict[str, dict]:
         reader = csv.reader(handle)
         header = tuple(field.strip() for field in next(reader, []))
         if header != CSV_HEADER:
-            raise ValueError(f"{csv_path}: unexpected CSV header.\n  expected: {','.join(CSV_HEADER)}\n"
-                             f"     found: {','.join(header)}")
+            raise ValueError(
+                f"{csv_path}: unexpected CSV header.\n  expected: {','.join(CSV_HEADER)}\n"
+                f"     found: {','.join(header)}"
+            )
         for line, row in enumerate(reader, start=2):
             if not row or all(not f.strip() for f in row):
                 continue
@@ -69,8 +80,10 @@ def read_circumferences(csv_path) -> dict[str, dict]:
             uuid = row[0].strip()
             if uuid in rows:
                 raise ValueError(f"{csv_path}, line {line}: {uuid} is listed twice")
-            rows[uuid] = {"subject": row[1].strip(),
-                          "ac_mm": [v if v is not None and math.isfinite(v) and v > 0 else None for v in values]}
+            rows[uuid] = {
+                "subject": row[1].strip(),
+                "ac_mm": [v if v is not None and math.isfinite(v) and v > 0 else None for v in values],
+            }
     return rows
 
 
@@ -90,13 +103,20 @@ class StackReader:
         except RuntimeError as error:
             raise ValueError(f"{self.path}: cannot read the image header ({error})") from None
         if io.GetNumberOfDimensions() != 3 or io.GetNumberOfComponents() != 1:
-            raise ValueError(f"{self.path}: expected a single-channel 3D stack (x, y, frames), found "
-                             f"{io.GetNumberOfDimensions()}D with {io.GetNumberOfComponents()} component(s)")
+            raise ValueError(
+                f"{self.path}: expected a single-channel 3D stack (x, y, frames), found "
+                f"{io.GetNumberOfDimensions()}D with {io.GetNumberOfComponents()} component(s)"
+            )
         self.size = tuple(int(io.GetDimensions(i)) for i in range(3))  # (x, y, frames)
         self.spacing = (float(io.GetSpacing(0)), float(io.GetSpacing(1)))
         component = io.GetComponentTypeAsString(io.GetComponentType())
-        pixel = {"unsigned_char": itk.UC, "char": itk.SC, "unsigned_short": itk.US, "short": itk.SS,
-                 "float": itk.F}.get(component)
+        pixel = {
+            "unsigned_char": itk.UC,
+            "char": itk.SC,
+            "unsigned_short": itk.US,
+            "short": itk.SS,
+            "float": itk.F,
+        }.get(component)
         if pixel is None:
             raise ValueError(f"{self.path}: unsupported pixel type {component}")
         self._type = itk.Image[pixel, 3]
@@ -153,14 +173,16 @@ def _source_stamp(*paths: Path) -> list:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
 
 
-def _extract_volume(image_path: Path, mask_path: Path | None, out_dir: Path, labels: str,
-                    unlabeled_per_volume: int) -> dict:
+def _extract_volume(
+    image_path: Path, mask_path: Path | None, out_dir: Path, labels: str, unlabeled_per_volume: int
+) -> dict:
     """Write one volume's labelled and sampled unlabelled frames; returns its index (frames and values found)."""
     image = StackReader(image_path)
     mask = StackReader(mask_path) if mask_path is not None else None
     if mask is not None and mask.size != image.size:
-        raise ValueError(f"{mask_path}: mask shape {mask.size} (x, y, frames) differs from its image "
-                         f"{image_path.name} {image.size}")
+        raise ValueError(
+            f"{mask_path}: mask shape {mask.size} (x, y, frames) differs from its image {image_path.name} {image.size}"
+        )
     uuid = image_path.name[: -len(".mha")]
     chunk = max(1, image.frames // SWEEPS)
     labelled, optimal, values = [], [], set()
@@ -171,8 +193,10 @@ def _extract_volume(image_path: Path, mask_path: Path | None, out_dir: Path, lab
                     continue
                 found = set(np.unique(frame).tolist())
                 if labels == "keep" and not found <= {0, 1, 2}:
-                    raise ValueError(f"{mask_path}: frame {start + offset} holds values {sorted(found)[:8]}; "
-                                     "ACOUSLIC masks are 0 background, 1 optimal, 2 suboptimal")
+                    raise ValueError(
+                        f"{mask_path}: frame {start + offset} holds values {sorted(found)[:8]}; "
+                        "ACOUSLIC masks are 0 background, 1 optimal, 2 suboptimal"
+                    )
                 values |= found
                 index = start + offset
                 label = (frame > 0).astype(np.uint8) if labels == "binary" else frame.astype(np.uint8)
@@ -192,12 +216,20 @@ def _extract_volume(image_path: Path, mask_path: Path | None, out_dir: Path, lab
             if start + offset in wanted:
                 _save_png(out_dir / f"{uuid}_f{start + offset:03d}.png", _as_uint8(frame))
     image.close()
-    return {"frames": image.frames, "frames_per_sweep": chunk, "spacing": list(image.spacing),
-            "labelled": labelled, "optimal": optimal, "unlabelled": sampled, "values": sorted(int(v) for v in values)}
+    return {
+        "frames": image.frames,
+        "frames_per_sweep": chunk,
+        "spacing": list(image.spacing),
+        "labelled": labelled,
+        "optimal": optimal,
+        "unlabelled": sampled,
+        "values": sorted(int(v) for v in values),
+    }
 
 
-def extract_acouslic(root, frames_dir, labels: str = "binary", unlabeled_per_volume: int = 24,
-                     progress: bool = True) -> tuple[list[dict], list[dict], int]:
+def extract_acouslic(
+    root, frames_dir, labels: str = "binary", unlabeled_per_volume: int = 24, progress: bool = True
+) -> tuple[list[dict], list[dict], int]:
     """(labelled items, unlabelled items, number of classes) of an ACOUSLIC-AI download, frames cached on disk."""
     root, frames_dir = Path(root), Path(frames_dir)
     if labels not in LABEL_MODES:
@@ -226,8 +258,11 @@ def extract_acouslic(root, frames_dir, labels: str = "binary", unlabeled_per_vol
             if cached.get("params") == params and cached.get("source") == stamp:
                 index = cached
         if index is None:
-            index = {"params": params, "source": stamp,
-                     **_extract_volume(image_path, mask_path, out_dir, labels, int(unlabeled_per_volume))}
+            index = {
+                "params": params,
+                "source": stamp,
+                **_extract_volume(image_path, mask_path, out_dir, labels, int(unlabeled_per_volume)),
+            }
             write_json_atomic(index_path, index)
         values |= set(index["values"])
         row = circumferences.get(uuid, {"subject": uuid, "ac_mm": [None] * SWEEPS})
@@ -235,15 +270,25 @@ def extract_acouslic(root, frames_dir, labels: str = "binary", unlabeled_per_vol
         base = {"subject": row["subject"], "volume": uuid, "pixel_size_mm": index["spacing"]}
         for frame in index["labelled"]:
             sweep = min(SWEEPS, frame // index["frames_per_sweep"] + 1)
-            item = {"image": str((out_dir / f"{uuid}_f{frame:03d}.png").resolve()),
-                    "label": str((out_dir / f"{uuid}_f{frame:03d}_label.png").resolve()),
-                    **base, "frame": frame, "sweep": sweep}
+            item = {
+                "image": str((out_dir / f"{uuid}_f{frame:03d}.png").resolve()),
+                "label": str((out_dir / f"{uuid}_f{frame:03d}_label.png").resolve()),
+                **base,
+                "frame": frame,
+                "sweep": sweep,
+            }
             ac = row["ac_mm"][sweep - 1]
             if ac is not None and frame in optimal:
                 item["ac_mm"] = ac
             labelled.append(item)
         for frame in index["unlabelled"]:
-            unlabelled.append({"image": str((out_dir / f"{uuid}_f{frame:03d}.png").resolve()), **base, "frame": frame,
-                               "sweep": min(SWEEPS, frame // index["frames_per_sweep"] + 1)})
+            unlabelled.append(
+                {
+                    "image": str((out_dir / f"{uuid}_f{frame:03d}.png").resolve()),
+                    **base,
+                    "frame": frame,
+                    "sweep": min(SWEEPS, frame // index["frames_per_sweep"] + 1),
+                }
+            )
     num_classes = 2 if labels == "binary" else max(2, max(values) + 1)
     return labelled, unlabelled, num_classes

@@ -26,14 +26,21 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..files import IMAGE_SUFFIXES, write_atomic, write_json_atomic
-from .generic import LAYOUTS, detect_folder_layout, list_folder_layout
 from .acouslic import CSV_PATH as ACOUSLIC_CSV
 from .acouslic import IMAGES_DIR as ACOUSLIC_IMAGES
 from .acouslic import MASKS_DIR as ACOUSLIC_MASKS
 from .acouslic import extract_acouslic, is_acouslic
 from .dicom import find_dicoms, iter_dicoms, list_dicom_layout
-from .hc18 import (IMAGE_PATTERN, TRAINING_CSV_NAME, TRAINING_DIR_NAME, find_training_csv, list_hc18, list_hc18_test,
-                   load_hc18_mask)
+from .generic import LAYOUTS, detect_folder_layout, list_folder_layout
+from .hc18 import (
+    IMAGE_PATTERN,
+    TRAINING_CSV_NAME,
+    TRAINING_DIR_NAME,
+    find_training_csv,
+    list_hc18,
+    list_hc18_test,
+    load_hc18_mask,
+)
 from .phantom import PHANTOM_MARKER_NAME, generate_phantom
 
 __all__ = ["DATALIST_VERSION", "split_subjects", "find_hc18_training_dir", "prepare_dataset"]
@@ -46,10 +53,12 @@ LABELS_DIR_NAME = "labels"
 FRAMES_DIR_NAME = "frames"
 EXTRACTED_LAYOUTS = ("acouslic", "dicom")
 ALL_LAYOUTS = ("hc18", "acouslic", *LAYOUTS, "dicom")
-LAYOUT_HELP = (f"HC18's {TRAINING_DIR_NAME}/ (NNN_HC.png + NNN_HC_Annotation.png) with {TRAINING_CSV_NAME} beside or "
-               "inside it, or that folder itself; ACOUSLIC-AI's images/stacked_fetal_ultrasound/*.mha; images/ "
-               "[+ labels/] (generic); train/labeled_data/images (FUGC); image_mha/ + label_mha/ (PSFHS); or DICOM "
-               "files [+ labels/]")
+LAYOUT_HELP = (
+    f"HC18's {TRAINING_DIR_NAME}/ (NNN_HC.png + NNN_HC_Annotation.png) with {TRAINING_CSV_NAME} beside or "
+    "inside it, or that folder itself; ACOUSLIC-AI's images/stacked_fetal_ultrasound/*.mha; images/ "
+    "[+ labels/] (generic); train/labeled_data/images (FUGC); image_mha/ + label_mha/ (PSFHS); or DICOM "
+    "files [+ labels/]"
+)
 SPLIT_KEYS = ("labeled", "unlabeled", "validation", "test")
 
 
@@ -57,8 +66,9 @@ def _round_half_up(value: float) -> int:
     return int(math.floor(value + 0.5))
 
 
-def split_subjects(items, labeled_fraction=0.05, val_fraction=0.1, test_fraction=0.2, seed=0, labeled_count=None,
-                   max_train_images=None) -> dict:
+def split_subjects(
+    items, labeled_fraction=0.05, val_fraction=0.1, test_fraction=0.2, seed=0, labeled_count=None, max_train_images=None
+) -> dict:
     """Split items (dicts with a "subject" key) into labeled / unlabeled / validation / test, whole subjects each.
 
     Subjects are shuffled with `seed`; test and validation take round(fraction x subjects) subjects (at least 1
@@ -69,8 +79,11 @@ def split_subjects(items, labeled_fraction=0.05, val_fraction=0.1, test_fraction
     skipping those that would overshoot; unlabeled takes the rest of the pool. Item order within a list follows the
     input order.
     """
-    for name, value in (("labeled_fraction", labeled_fraction), ("val_fraction", val_fraction),
-                        ("test_fraction", test_fraction)):
+    for name, value in (
+        ("labeled_fraction", labeled_fraction),
+        ("val_fraction", val_fraction),
+        ("test_fraction", test_fraction),
+    ):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be between 0 and 1, found {value}")
     for name, value in (("labeled_count", labeled_count), ("max_train_images", max_train_images)):
@@ -102,12 +115,18 @@ def split_subjects(items, labeled_fraction=0.05, val_fraction=0.1, test_fraction
         labeled = _whole_subjects(pool, by_subject, labeled_count)
         found = sum(len(by_subject[s]) for s in labeled)
         if found != labeled_count:
-            raise ValueError(f"labeled_count={labeled_count} cannot be met with whole subjects (closest: {found} "
-                             "images); choose another count or seed")
+            raise ValueError(
+                f"labeled_count={labeled_count} cannot be met with whole subjects (closest: {found} "
+                "images); choose another count or seed"
+            )
     else:
         labeled = _whole_subjects(pool, by_subject, _round_half_up(labeled_fraction * pool_images)) or [pool[0]]
-    groups = {"labeled": set(labeled), "unlabeled": set(pool) - set(labeled), "validation": set(validation),
-              "test": set(test)}
+    groups = {
+        "labeled": set(labeled),
+        "unlabeled": set(pool) - set(labeled),
+        "validation": set(validation),
+        "test": set(test),
+    }
     return {key: [item for item in items if str(item["subject"]) in groups[key]] for key in SPLIT_KEYS}
 
 
@@ -175,7 +194,11 @@ def _prepare_hc18(training_dir: Path, dataset_dir: Path, prepared_dir: Path, par
         raise ValueError(f"{training_dir}: no NNN_HC.png images listed")
     test_items = list_hc18_test(training_dir)  # the challenge's test_set/: images and pixel sizes, no annotations
     datalist_path = prepared_dir / DATALIST_NAME
-    inputs = [csv_path] + [Path(i[k]) for i in items for k in ("image", "annotation")] + [Path(i["image"]) for i in test_items]
+    inputs = (
+        [csv_path]
+        + [Path(i[k]) for i in items for k in ("image", "annotation")]
+        + [Path(i["image"]) for i in test_items]
+    )
     fingerprint = _fingerprint({**params, "training_dir": str(training_dir), "prepared_dir": str(prepared_dir)}, inputs)
     if _reusable(datalist_path, fingerprint):
         logger.info("datalist is up to date: %s", datalist_path)
@@ -206,31 +229,63 @@ def _prepare_hc18(training_dir: Path, dataset_dir: Path, prepared_dir: Path, par
 
 
 def _split(labelled: list[dict], params: dict) -> dict:
-    return split_subjects(labelled, params["labeled_fraction"], params["val_fraction"], params["test_fraction"],
-                          params["seed"], params["labeled_count"], params["max_train_images"])
+    return split_subjects(
+        labelled,
+        params["labeled_fraction"],
+        params["val_fraction"],
+        params["test_fraction"],
+        params["seed"],
+        params["labeled_count"],
+        params["max_train_images"],
+    )
 
 
-def _write_split(layout: str, split: dict, extra: list[dict], num_classes: int, datalist_path: Path, params: dict,
-                 fingerprint: str, source: Path, predict: list[dict] | None = None) -> str:
+def _write_split(
+    layout: str,
+    split: dict,
+    extra: list[dict],
+    num_classes: int,
+    datalist_path: Path,
+    params: dict,
+    fingerprint: str,
+    source: Path,
+    predict: list[dict] | None = None,
+) -> str:
     """Write the datalist of a subject split (:func:`split_subjects`); ``extra`` (unlabelled-only items) joins the
     unlabelled pool unless its subject is in validation or test. The split's unlabelled items lose their labels."""
     held_out = {str(i["subject"]) for key in ("validation", "test") for i in split[key]}
     datalist = {key: list(split[key]) for key in SPLIT_KEYS}
-    datalist["unlabeled"] = [{k: v for k, v in i.items() if k not in ("label", "hc_mm", "ac_mm")}
-                             for i in split["unlabeled"]] + [i for i in extra if str(i["subject"]) not in held_out]
+    datalist["unlabeled"] = [
+        {k: v for k, v in i.items() if k not in ("label", "hc_mm", "ac_mm")} for i in split["unlabeled"]
+    ] + [i for i in extra if str(i["subject"]) not in held_out]
     if predict:
         datalist["predict"] = predict
     counts = {key: len(datalist[key]) for key in (*SPLIT_KEYS, "predict") if key in datalist}
     counts["subjects"] = {key: len({str(i["subject"]) for i in datalist[key]}) for key in SPLIT_KEYS}
-    datalist["meta"] = {"layout": layout,
-                        **{k: params[k] for k in ("labeled_fraction", "labeled_count", "max_train_images", "val_fraction",
-                                                 "test_fraction", "seed")},
-                        "num_classes": num_classes, "source": str(source), "counts": counts,
-                        "fingerprint": fingerprint, "version": DATALIST_VERSION}
+    datalist["meta"] = {
+        "layout": layout,
+        **{
+            k: params[k]
+            for k in ("labeled_fraction", "labeled_count", "max_train_images", "val_fraction", "test_fraction", "seed")
+        },
+        "num_classes": num_classes,
+        "source": str(source),
+        "counts": counts,
+        "fingerprint": fingerprint,
+        "version": DATALIST_VERSION,
+    }
     write_json_atomic(datalist_path, datalist)
-    logger.info("datalist %s (%s layout, %d classes): %d labeled, %d unlabeled, %d validation, %d test images%s",
-                datalist_path, layout, num_classes, counts["labeled"], counts["unlabeled"], counts["validation"],
-                counts["test"], f", {counts['predict']} to predict" if predict else "")
+    logger.info(
+        "datalist %s (%s layout, %d classes): %d labeled, %d unlabeled, %d validation, %d test images%s",
+        datalist_path,
+        layout,
+        num_classes,
+        counts["labeled"],
+        counts["unlabeled"],
+        counts["validation"],
+        counts["test"],
+        f", {counts['predict']} to predict" if predict else "",
+    )
     return str(datalist_path)
 
 
@@ -243,15 +298,20 @@ def _prepare_folder(layout: str, dataset_dir: Path, prepared_dir: Path, params: 
     if _reusable(datalist_path, fingerprint):
         logger.info("datalist is up to date: %s", datalist_path)
         return str(datalist_path)
-    return _write_split(layout, _split(labelled, params), extra, num_classes, datalist_path, params, fingerprint, dataset_dir)
+    return _write_split(
+        layout, _split(labelled, params), extra, num_classes, datalist_path, params, fingerprint, dataset_dir
+    )
 
 
-def _prepare_extracted(layout: str, dataset_dir: Path, prepared_dir: Path, params: dict, options: dict,
-                       progress: bool) -> str:
+def _prepare_extracted(
+    layout: str, dataset_dir: Path, prepared_dir: Path, params: dict, options: dict, progress: bool
+) -> str:
     """Datalist of a layout whose frames are extracted to PNGs first (ACOUSLIC-AI stacks, DICOM)."""
     frames_dir = prepared_dir / FRAMES_DIR_NAME
     if layout == "acouslic":
-        sources = sorted((dataset_dir / ACOUSLIC_IMAGES).glob("*.mha")) + sorted((dataset_dir / ACOUSLIC_MASKS).glob("*.mha"))
+        sources = sorted((dataset_dir / ACOUSLIC_IMAGES).glob("*.mha")) + sorted(
+            (dataset_dir / ACOUSLIC_MASKS).glob("*.mha")
+        )
         sources += [dataset_dir / ACOUSLIC_CSV] if (dataset_dir / ACOUSLIC_CSV).is_file() else []
     else:  # the DICOM files and their masks: a mask added or changed later makes a new datalist
         labels_dir = dataset_dir / LABELS_DIR_NAME
@@ -264,15 +324,23 @@ def _prepare_extracted(layout: str, dataset_dir: Path, prepared_dir: Path, param
         return str(datalist_path)
     if layout == "acouslic":
         labelled, extra, num_classes = extract_acouslic(
-            dataset_dir, frames_dir / "acouslic" / options["acouslic_labels"], labels=options["acouslic_labels"],
-            unlabeled_per_volume=options["acouslic_unlabeled_per_volume"], progress=progress)
+            dataset_dir,
+            frames_dir / "acouslic" / options["acouslic_labels"],
+            labels=options["acouslic_labels"],
+            unlabeled_per_volume=options["acouslic_unlabeled_per_volume"],
+            progress=progress,
+        )
     else:
         labelled, extra, num_classes = list_dicom_layout(dataset_dir, frames_dir / "dicom", labels_dir, dicoms)
     if len(labelled) < 3:
-        raise ValueError(f"{dataset_dir}: {len(labelled)} labelled frame(s); at least 3 are needed "
-                         "(training, validation, test)" + ("" if layout == "acouslic" else
-                                                           f" (masks go in {dataset_dir / 'labels'}/<frame name>.png)"))
-    return _write_split(layout, _split(labelled, params), extra, num_classes, datalist_path, params, fingerprint, dataset_dir)
+        raise ValueError(
+            f"{dataset_dir}: {len(labelled)} labelled frame(s); at least 3 are needed "
+            "(training, validation, test)"
+            + ("" if layout == "acouslic" else f" (masks go in {dataset_dir / 'labels'}/<frame name>.png)")
+        )
+    return _write_split(
+        layout, _split(labelled, params), extra, num_classes, datalist_path, params, fingerprint, dataset_dir
+    )
 
 
 def _detect_layout(dataset_dir: Path) -> str | None:
@@ -286,11 +354,25 @@ def _detect_layout(dataset_dir: Path) -> str | None:
     return "dicom" if any(True for _ in iter_dicoms(dataset_dir)) else None
 
 
-def prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, val_fraction=0.1, test_fraction=0.2,
-                    labeled_count=None, max_train_images=None, generate_phantom_if_empty=True, phantom_subjects=200,
-                    phantom_image_size=(800, 540),
-                    phantom_seed=0, progress=True, layout=None, pixel_size_mm=None, acouslic_labels="binary",
-                    acouslic_unlabeled_per_volume=24) -> str:
+def prepare_dataset(
+    dataset_dir,
+    prepared_dir,
+    labeled_fraction=0.05,
+    seed=0,
+    val_fraction=0.1,
+    test_fraction=0.2,
+    labeled_count=None,
+    max_train_images=None,
+    generate_phantom_if_empty=True,
+    phantom_subjects=200,
+    phantom_image_size=(800, 540),
+    phantom_seed=0,
+    progress=True,
+    layout=None,
+    pixel_size_mm=None,
+    acouslic_labels="binary",
+    acouslic_unlabeled_per_volume=24,
+) -> str:
     """Make `<prepared_dir>/datalist.json` (and masks or extracted frames under `prepared_dir`) from `dataset_dir`.
 
     Layouts (``layout`` None detects them in this order): ``hc18`` (`training_set/` + its CSV beside or inside it,
@@ -307,13 +389,25 @@ def prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, va
     is modified (except writing the phantom into an empty one). Returns the datalist path.
     Distributed (torchrun): rank 0 prepares while the other ranks wait, then they reuse its datalist.
     """
-    args = dict(dataset_dir=dataset_dir, prepared_dir=prepared_dir, labeled_fraction=labeled_fraction, seed=seed,
-                val_fraction=val_fraction, test_fraction=test_fraction, labeled_count=labeled_count,
-                max_train_images=max_train_images, generate_phantom_if_empty=generate_phantom_if_empty,
-                phantom_subjects=phantom_subjects,
-                phantom_image_size=phantom_image_size, phantom_seed=phantom_seed, progress=progress, layout=layout,
-                pixel_size_mm=pixel_size_mm, acouslic_labels=acouslic_labels,
-                acouslic_unlabeled_per_volume=acouslic_unlabeled_per_volume)
+    args = dict(
+        dataset_dir=dataset_dir,
+        prepared_dir=prepared_dir,
+        labeled_fraction=labeled_fraction,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        labeled_count=labeled_count,
+        max_train_images=max_train_images,
+        generate_phantom_if_empty=generate_phantom_if_empty,
+        phantom_subjects=phantom_subjects,
+        phantom_image_size=phantom_image_size,
+        phantom_seed=phantom_seed,
+        progress=progress,
+        layout=layout,
+        pixel_size_mm=pixel_size_mm,
+        acouslic_labels=acouslic_labels,
+        acouslic_unlabeled_per_volume=acouslic_unlabeled_per_volume,
+    )
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if not distributed:
         return _prepare_dataset(**args)
@@ -326,10 +420,25 @@ def prepare_dataset(dataset_dir, prepared_dir, labeled_fraction=0.05, seed=0, va
     return _prepare_dataset(**{**args, "progress": False})
 
 
-def _prepare_dataset(dataset_dir, prepared_dir, labeled_fraction, seed, val_fraction, test_fraction, labeled_count,
-                     max_train_images, generate_phantom_if_empty, phantom_subjects, phantom_image_size, phantom_seed,
-                     progress, layout,
-                     pixel_size_mm, acouslic_labels, acouslic_unlabeled_per_volume) -> str:
+def _prepare_dataset(
+    dataset_dir,
+    prepared_dir,
+    labeled_fraction,
+    seed,
+    val_fraction,
+    test_fraction,
+    labeled_count,
+    max_train_images,
+    generate_phantom_if_empty,
+    phantom_subjects,
+    phantom_image_size,
+    phantom_seed,
+    progress,
+    layout,
+    pixel_size_mm,
+    acouslic_labels,
+    acouslic_unlabeled_per_volume,
+) -> str:
     dataset_dir = Path(dataset_dir).expanduser()
     prepared_dir = Path(prepared_dir).expanduser().resolve()
     if not dataset_dir.exists():
@@ -352,22 +461,38 @@ def _prepare_dataset(dataset_dir, prepared_dir, labeled_fraction, seed, val_frac
     training_dir = find_hc18_training_dir(dataset_dir) if layout in (None, "hc18") else None
     if layout in (None, "hc18") and training_dir is None and not _holds_images(dataset_dir):
         if not generate_phantom_if_empty:
-            raise ValueError(f"cannot recognise the dataset layout in {dataset_dir}: it holds no images ({LAYOUT_HELP})")
+            raise ValueError(
+                f"cannot recognise the dataset layout in {dataset_dir}: it holds no images ({LAYOUT_HELP})"
+            )
         logger.info("%s holds no images: generating a %d-subject phantom there", dataset_dir, phantom_subjects)
-        training_dir = generate_phantom(dataset_dir, num_subjects=phantom_subjects, image_size=phantom_image_size,
-                                        seed=phantom_seed, progress=progress)
+        training_dir = generate_phantom(
+            dataset_dir,
+            num_subjects=phantom_subjects,
+            image_size=phantom_image_size,
+            seed=phantom_seed,
+            progress=progress,
+        )
         layout = "hc18"
     if layout is None or (layout == "hc18" and training_dir is None):
         raise ValueError(f"cannot recognise the dataset layout in {dataset_dir}: expected {LAYOUT_HELP}")
     prepared_dir.mkdir(parents=True, exist_ok=True)
-    params = {"layout": layout, "labeled_fraction": float(labeled_fraction), "val_fraction": float(val_fraction),
-              "test_fraction": float(test_fraction), "seed": int(seed), "version": DATALIST_VERSION,
-              "labeled_count": None if labeled_count is None else int(labeled_count),
-              "max_train_images": None if max_train_images is None else int(max_train_images)}
+    params = {
+        "layout": layout,
+        "labeled_fraction": float(labeled_fraction),
+        "val_fraction": float(val_fraction),
+        "test_fraction": float(test_fraction),
+        "seed": int(seed),
+        "version": DATALIST_VERSION,
+        "labeled_count": None if labeled_count is None else int(labeled_count),
+        "max_train_images": None if max_train_images is None else int(max_train_images),
+    }
     if layout == "hc18":
         return _prepare_hc18(training_dir, dataset_dir, prepared_dir, params, progress)
     if layout in EXTRACTED_LAYOUTS:
-        options = {"acouslic_labels": acouslic_labels,
-                   "acouslic_unlabeled_per_volume": int(acouslic_unlabeled_per_volume)} if layout == "acouslic" else {}
+        options = (
+            {"acouslic_labels": acouslic_labels, "acouslic_unlabeled_per_volume": int(acouslic_unlabeled_per_volume)}
+            if layout == "acouslic"
+            else {}
+        )
         return _prepare_extracted(layout, dataset_dir, prepared_dir, params, options, progress)
     return _prepare_folder(layout, dataset_dir, prepared_dir, params, pixel_size_mm)

@@ -24,8 +24,17 @@ from PIL import Image
 
 from ..files import write_atomic, write_json_atomic
 
-__all__ = ["PIXEL_SIZE_RANGE_MM", "dicom_pixel_size", "export_frames", "find_dicoms", "frame_stem", "is_dicom",
-           "iter_dicoms", "list_dicom_layout", "read_ultrasound_dicom"]
+__all__ = [
+    "PIXEL_SIZE_RANGE_MM",
+    "dicom_pixel_size",
+    "export_frames",
+    "find_dicoms",
+    "frame_stem",
+    "is_dicom",
+    "iter_dicoms",
+    "list_dicom_layout",
+    "read_ultrasound_dicom",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +57,10 @@ def is_dicom(path) -> bool:
 def _plausible_pixel_size(sx: float, sy: float, where: str, name: str) -> tuple[float, float]:
     lo, hi = PIXEL_SIZE_RANGE_MM
     if not all(math.isfinite(v) and lo <= v <= hi for v in (sx, sy)):
-        raise ValueError(f"{name}: implausible physical pixel size {sx:g} x {sy:g} mm from {where}: an ultrasound "
-                         f"pixel is {lo:g}-{hi:g} mm")
+        raise ValueError(
+            f"{name}: implausible physical pixel size {sx:g} x {sy:g} mm from {where}: an ultrasound "
+            f"pixel is {lo:g}-{hi:g} mm"
+        )
     return sx, sy
 
 
@@ -72,15 +83,18 @@ def dicom_pixel_size(ds, name: str = "DICOM") -> tuple[tuple[float, float] | Non
         dx, dy = getattr(region, "PhysicalDeltaX", None), getattr(region, "PhysicalDeltaY", None)
         if units == (CM, CM) and dx and dy:
             dx, dy = _number(dx, "PhysicalDeltaX", name), _number(dy, "PhysicalDeltaY", name)
-            size = _plausible_pixel_size(abs(dx) * 10.0, abs(dy) * 10.0,
-                                         "SequenceOfUltrasoundRegions PhysicalDeltaX/Y", name)
+            size = _plausible_pixel_size(
+                abs(dx) * 10.0, abs(dy) * 10.0, "SequenceOfUltrasoundRegions PhysicalDeltaX/Y", name
+            )
             return size, "SequenceOfUltrasoundRegions"
     spacing = ds["PixelSpacing"] if "PixelSpacing" in ds else None
     if spacing is not None and spacing.value not in (None, ""):
         values = list(spacing.value) if spacing.VM > 1 else [spacing.value]
         if len(values) != 2:
-            raise ValueError(f"{name}: PixelSpacing must hold two values (row, column spacing in mm), it holds "
-                             f"{len(values)}: {spacing.value!r}")
+            raise ValueError(
+                f"{name}: PixelSpacing must hold two values (row, column spacing in mm), it holds "
+                f"{len(values)}: {spacing.value!r}"
+            )
         # DICOM gives (row, column) = (y, x)
         row, column = (_number(v, "PixelSpacing", name) for v in values)
         return _plausible_pixel_size(column, row, "PixelSpacing", name), "PixelSpacing"
@@ -124,10 +138,26 @@ def _read_dataset(path: Path):
     return ds
 
 
-IMAGE_PIXEL_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
-                        "BitsStored", "PixelRepresentation")  # Type 1 in the Image Pixel module and read to decode
-SAMPLES = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3, "YBR_FULL": 3, "YBR_FULL_422": 3,
-           "YBR_RCT": 3, "YBR_ICT": 3, "YBR_PARTIAL_420": 3}
+IMAGE_PIXEL_KEYWORDS = (
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+)  # Type 1 in the Image Pixel module and read to decode
+SAMPLES = {
+    "MONOCHROME1": 1,
+    "MONOCHROME2": 1,
+    "PALETTE COLOR": 1,
+    "RGB": 3,
+    "YBR_FULL": 3,
+    "YBR_FULL_422": 3,
+    "YBR_RCT": 3,
+    "YBR_ICT": 3,
+    "YBR_PARTIAL_420": 3,
+}
 
 
 def _header_int(ds, keyword: str, path: Path, allowed=None, minimum: int | None = None) -> int:
@@ -161,15 +191,22 @@ def _check_image_pixel_module(ds, path: Path, syntax) -> dict:
     if photometric not in SAMPLES:
         raise ValueError(f"{path}: PhotometricInterpretation {photometric!r} is not one of {sorted(SAMPLES)}")
     if SAMPLES[photometric] != samples:
-        raise ValueError(f"{path}: PhotometricInterpretation {photometric} needs SamplesPerPixel "
-                         f"{SAMPLES[photometric]}, the header says {samples}")
+        raise ValueError(
+            f"{path}: PhotometricInterpretation {photometric} needs SamplesPerPixel "
+            f"{SAMPLES[photometric]}, the header says {samples}"
+        )
     if samples > 1 and "PlanarConfiguration" not in ds:
-        raise ValueError(f"{path}: the Image Pixel module lacks PlanarConfiguration (required for "
-                         f"SamplesPerPixel {samples})")
+        raise ValueError(
+            f"{path}: the Image Pixel module lacks PlanarConfiguration (required for SamplesPerPixel {samples})"
+        )
     if photometric == "PALETTE COLOR":
-        lacking = [f"{c}PaletteColorLookupTable{part}" for c in ("Red", "Green", "Blue") for part in ("Descriptor",
-                   "Data") if f"{c}PaletteColorLookupTable{part}" not in ds
-                   and not (part == "Data" and f"Segmented{c}PaletteColorLookupTableData" in ds)]
+        lacking = [
+            f"{c}PaletteColorLookupTable{part}"
+            for c in ("Red", "Green", "Blue")
+            for part in ("Descriptor", "Data")
+            if f"{c}PaletteColorLookupTable{part}" not in ds
+            and not (part == "Data" and f"Segmented{c}PaletteColorLookupTableData" in ds)
+        ]
         if lacking:
             raise ValueError(f"{path}: PALETTE COLOR without its lookup table (missing {', '.join(lacking)})")
     frames = 1
@@ -184,11 +221,18 @@ def _check_image_pixel_module(ds, path: Path, syntax) -> dict:
         if actual not in (expected, expected + 1):  # + 1: the pad byte to an even length
             raise ValueError(
                 f"{path}: the pixel data holds {actual} bytes, but the header (Rows {rows} x Columns {columns} x "
-                f"{per_pixel} samples x {bits} bits x {frames} frame(s)) needs {expected}")
+                f"{per_pixel} samples x {bits} bits x {frames} frame(s)) needs {expected}"
+            )
     else:
         _check_encapsulated(ds, path, rows, columns, samples, frames)
-    return {"rows": rows, "columns": columns, "samples": samples, "frames": frames, "photometric": photometric,
-            "bits": stored}
+    return {
+        "rows": rows,
+        "columns": columns,
+        "samples": samples,
+        "frames": frames,
+        "photometric": photometric,
+        "bits": stored,
+    }
 
 
 FRAME_STARTS = (b"\xff\xd8", b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")  # JPEG SOI, JPEG 2000 SOC+SIZ, JP2
@@ -211,9 +255,9 @@ def _codestream_geometry(frame: bytes) -> tuple[int, int, int] | None:
                     i += 1
                     continue
                 if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:  # SOFn, JPEG-LS
-                    _, height, width, components = struct.unpack(">BHHB", frame[i + 4:i + 10])
+                    _, height, width, components = struct.unpack(">BHHB", frame[i + 4 : i + 10])
                     return height, width, components
-                i += 2 + struct.unpack(">H", frame[i + 2:i + 4])[0]
+                i += 2 + struct.unpack(">H", frame[i + 2 : i + 4])[0]
     except struct.error:
         return None
     return None
@@ -238,8 +282,10 @@ def _check_encapsulated(ds, path: Path, rows: int, columns: int, samples: int, f
         raise ValueError(f"{path}: the pixel data holds {held} frame(s), the header's NumberOfFrames says {frames}")
     geometry = _codestream_geometry(starts[0]) if starts else None
     if geometry is not None and geometry != (rows, columns, samples):
-        raise ValueError(f"{path}: the compressed image is {geometry[0]} x {geometry[1]} with {geometry[2]} "
-                         f"component(s), the header says Rows {rows} x Columns {columns} x SamplesPerPixel {samples}")
+        raise ValueError(
+            f"{path}: the compressed image is {geometry[0]} x {geometry[1]} with {geometry[2]} "
+            f"component(s), the header says Rows {rows} x Columns {columns} x SamplesPerPixel {samples}"
+        )
 
 
 def read_ultrasound_dicom(path) -> tuple[np.ndarray, tuple[float, float] | None, dict]:
@@ -260,8 +306,10 @@ def read_ultrasound_dicom(path) -> tuple[np.ndarray, tuple[float, float] | None,
         sop = getattr(ds, "SOPClassUID", None)
         name = str(getattr(sop, "name", sop) or "")
         damaged = not name or "Image Storage" in name  # an image class without pixels: cut short or misparsed
-        raise ValueError(f"{path}: the DICOM holds no image ({name or 'no SOP class'}"
-                         f"{'; the file is truncated or damaged' if damaged else ''})")
+        raise ValueError(
+            f"{path}: the DICOM holds no image ({name or 'no SOP class'}"
+            f"{'; the file is truncated or damaged' if damaged else ''})"
+        )
     meta = getattr(ds, "file_meta", None)
     syntax = meta.TransferSyntaxUID if meta is not None and "TransferSyntaxUID" in meta else None
     header = _check_image_pixel_module(ds, path, syntax)
@@ -275,8 +323,14 @@ def read_ultrasound_dicom(path) -> tuple[np.ndarray, tuple[float, float] | None,
     except Exception as error:  # pydicom raises several types when no plugin can decode the syntax
         name = getattr(syntax, "name", syntax)
         missing = any(word in str(error).lower() for word in ("plugin", "handler", "missing"))
-        hint = (". JPEG and JPEG 2000 need the pylibjpeg plugins (pip install pylibjpeg pylibjpeg-libjpeg "
-                "pylibjpeg-openjpeg)") if missing else ""
+        hint = (
+            (
+                ". JPEG and JPEG 2000 need the pylibjpeg plugins (pip install pylibjpeg pylibjpeg-libjpeg "
+                "pylibjpeg-openjpeg)"
+            )
+            if missing
+            else ""
+        )
         raise ValueError(f"{path}: cannot decode its pixel data ({name}): {_one_line(error)}{hint}") from None
     pixels = np.asarray(pixels)
     colour = header["samples"] == 3 or header["photometric"] == "PALETTE COLOR"
@@ -284,14 +338,20 @@ def read_ultrasound_dicom(path) -> tuple[np.ndarray, tuple[float, float] | None,
         pixels = pixels[None]
     expected = (header["frames"], header["rows"], header["columns"], *((3,) if colour else ()))
     if pixels.shape != expected:
-        raise ValueError(f"{path}: decoded pixels have shape {pixels.shape}, the header (NumberOfFrames, Rows, "
-                         f"Columns, samples) says {expected}")
+        raise ValueError(
+            f"{path}: decoded pixels have shape {pixels.shape}, the header (NumberOfFrames, Rows, "
+            f"Columns, samples) says {expected}"
+        )
     if header["photometric"] == "MONOCHROME1":
         pixels = pixels.max() - pixels
     frames = _to_uint8(pixels, header["bits"])
-    info = {"frames": frames.shape[0], "photometric": header["photometric"],
-            "transfer_syntax": str(getattr(syntax, "name", syntax)), "pixel_size_source": source,
-            "modality": str(getattr(ds, "Modality", ""))}
+    info = {
+        "frames": frames.shape[0],
+        "photometric": header["photometric"],
+        "transfer_syntax": str(getattr(syntax, "name", syntax)),
+        "pixel_size_source": source,
+        "modality": str(getattr(ds, "Modality", "")),
+    }
     return frames, size, info
 
 

@@ -109,7 +109,7 @@ def check_label(label_path: Path, image_path: Path, image_size: tuple[int, ...])
     label = read_label(label_path)
     if tuple(label.shape) != tuple(image_size):
         raise ValueError(
-            f"{label_path}: label size {tuple(label.shape)} differs from its image {image_path.name} {tuple(image_size)}"
+            f"{label_path}: label size {tuple(label.shape)} differs from its image {image_path.name} {tuple(image_size)}"  # noqa: E501
         )
     values = np.unique(label)
     if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values != np.round(values)):
@@ -134,7 +134,9 @@ def list_folder_layout(dataset_dir, layout: str, pixel_size_mm=None) -> tuple[li
     images, labels = _image_files(image_dir), _image_files(label_dir)
     orphans = sorted(set(labels) - set(images))
     if orphans:
-        raise ValueError(f"{label_dir}: {len(orphans)} label(s) without an image in {image_dir}: {', '.join(orphans[:5])}")
+        raise ValueError(
+            f"{label_dir}: {len(orphans)} label(s) without an image in {image_dir}: {', '.join(orphans[:5])}"
+        )
     extra = _image_files(unlabelled_dir) if unlabelled_dir else {}
     if not images and not extra:
         raise ValueError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -159,5 +161,7 @@ def list_folder_layout(dataset_dir, layout: str, pixel_size_mm=None) -> tuple[li
             unlabelled.append(entry)
     unlabelled += [item(f"unlabelled/{stem}", path)[0] for stem, path in extra.items()]
     if len(labelled) < 3:
-        raise ValueError(f"{label_dir}: {len(labelled)} labelled image(s); at least 3 are needed (training, validation, test)")
+        raise ValueError(
+            f"{label_dir}: {len(labelled)} labelled image(s); at least 3 are needed (training, validation, test)"
+        )
     return labelled, unlabelled, max(2, max_class + 1)

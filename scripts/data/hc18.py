@@ -187,13 +187,16 @@ def list_hc18_test(training_dir) -> list[dict]:
     csv_path = next((c for c in (test_dir.parent / TEST_CSV_NAME, test_dir / TEST_CSV_NAME) if c.is_file()), None)
     rows = read_hc18_csv(csv_path) if csv_path is not None else {}
     if csv_path is None:
-        logging.getLogger(__name__).warning("%s: no %s beside or inside it: test predictions will be in pixels",
-                                            test_dir, TEST_CSV_NAME)
+        logging.getLogger(__name__).warning(
+            "%s: no %s beside or inside it: test predictions will be in pixels", test_dir, TEST_CSV_NAME
+        )
     images = sorted(p for p in test_dir.iterdir() if IMAGE_PATTERN.match(p.name))
     if csv_path is not None:
         missing = sorted(set(rows) - {p.name for p in images})
         if missing:
-            raise ValueError(f"{csv_path} lists {len(missing)} image(s) missing from {test_dir}: {', '.join(missing[:5])}")
+            raise ValueError(
+                f"{csv_path} lists {len(missing)} image(s) missing from {test_dir}: {', '.join(missing[:5])}"
+            )
         unlisted = [p.name for p in images if p.name not in rows]
         if unlisted:
             raise ValueError(f"{test_dir / unlisted[0]}: no row for it in {csv_path}")

@@ -416,7 +416,7 @@ def _render_scan(rng, head: _Head, sector: _Sector, pose: _Pose, image_size) -> 
     # cavum septi pellucidi: a small dark box on the midline in the front half
     csp = (np.abs(v) < anatomy.uniform(0.04, 0.07) * b_px) & (front * u > 0.12 * a_px) & (front * u < 0.32 * a_px)
     diffuse[csp] *= 0.4
-    for side in ([-1.0, 1.0] if anatomy.random() < 0.5 else [anatomy.choice([-1.0, 1.0])]):
+    for side in [-1.0, 1.0] if anatomy.random() < 0.5 else [anatomy.choice([-1.0, 1.0])]:
         center_u = -front * anatomy.uniform(0.3, 0.55) * a_px
         center_v = side * anatomy.uniform(0.15, 0.35) * b_px
         c_x = pose.center_xy[0] + center_u * head_frame.cos - center_v * head_frame.sin
@@ -499,8 +499,9 @@ def _save_png_atomic(array: np.ndarray, path: Path) -> None:
     write_atomic(path, lambda f: Image.fromarray(array).save(f, format="PNG", compress_level=1), binary=True)
 
 
-def generate_phantom(dataset_dir, num_subjects=200, repeat_fraction=0.2, image_size=(800, 540), seed=0,
-                     progress=True) -> Path:
+def generate_phantom(
+    dataset_dir, num_subjects=200, repeat_fraction=0.2, image_size=(800, 540), seed=0, progress=True
+) -> Path:
     """Write a synthetic HC18-like training set into `dataset_dir` (layout in the module docstring).
 
     `image_size` is (width, height) as PIL states it; arrays are (height, width). Returns the `training_set` folder.
@@ -515,8 +516,12 @@ def generate_phantom(dataset_dir, num_subjects=200, repeat_fraction=0.2, image_s
             f"phantom parameters out of range: num_subjects={num_subjects} (>= 1), image_size={image_size} "
             f"(each side >= 64), repeat_fraction={repeat_fraction} (0-1), seed={seed} (>= 0)"
         )
-    params = {"num_subjects": int(num_subjects), "repeat_fraction": float(repeat_fraction),
-              "image_size": [width, height], "seed": int(seed)}
+    params = {
+        "num_subjects": int(num_subjects),
+        "repeat_fraction": float(repeat_fraction),
+        "image_size": [width, height],
+        "seed": int(seed),
+    }
     training_dir = dataset_dir / TRAINING_DIR_NAME
     csv_path = dataset_dir / TRAINING_CSV_NAME
     marker_path = dataset_dir / PHANTOM_MARKER_NAME
@@ -526,8 +531,13 @@ def generate_phantom(dataset_dir, num_subjects=200, repeat_fraction=0.2, image_s
     previous = json.loads(marker_path.read_text()) if marker_path.is_file() else None
     resume = previous is not None and previous.get("params") == params and previous.get("version") == PHANTOM_VERSION
     if resume:
-        if previous.get("complete") and csv_path.is_file() and all(
-            (training_dir / f"{n}.png").is_file() and (training_dir / f"{n}_Annotation.png").is_file() for n in names
+        if (
+            previous.get("complete")
+            and csv_path.is_file()
+            and all(
+                (training_dir / f"{n}.png").is_file() and (training_dir / f"{n}_Annotation.png").is_file()
+                for n in names
+            )
         ):
             return training_dir
     elif previous is not None:  # another phantom: remove exactly the files it wrote
@@ -539,8 +549,13 @@ def generate_phantom(dataset_dir, num_subjects=200, repeat_fraction=0.2, image_s
         raise ValueError(f"{training_dir} holds images that the phantom did not write; refusing to overwrite them")
 
     training_dir.mkdir(parents=True, exist_ok=True)
-    marker = {"generator": "scripts.data.phantom", "version": PHANTOM_VERSION, "params": params,
-              "complete": False, "images": names}
+    marker = {
+        "generator": "scripts.data.phantom",
+        "version": PHANTOM_VERSION,
+        "params": params,
+        "complete": False,
+        "images": names,
+    }
     write_json_atomic(marker_path, marker)
 
     rows = []

@@ -16,7 +16,7 @@ def check_image_batch(x: torch.Tensor, network: str, in_channels: int, multiple:
     if h % multiple or w % multiple:
         raise ValueError(
             f"{network} needs height and width that are multiples of {multiple}{why}, got {h}x{w}; "
-            f"resize or pad to e.g. {(h + multiple - 1) // multiple * multiple}x{(w + multiple - 1) // multiple * multiple}"
+            f"resize or pad to e.g. {(h + multiple - 1) // multiple * multiple}x{(w + multiple - 1) // multiple * multiple}"  # noqa: E501
         )
 
 

@@ -34,8 +34,16 @@ from torch import nn
 
 from .common import check_image_batch, init_linear_and_norm
 
-__all__ = ["SwinUnet", "load_swin_pretrained", "DropPath", "WindowAttention", "SwinBlock", "PatchMerging",
-           "PatchExpand", "FinalPatchExpandX4"]
+__all__ = [
+    "SwinUnet",
+    "load_swin_pretrained",
+    "DropPath",
+    "WindowAttention",
+    "SwinBlock",
+    "PatchMerging",
+    "PatchExpand",
+    "FinalPatchExpandX4",
+]
 
 logger = logging.getLogger("scripts.networks")
 
@@ -99,8 +107,9 @@ def _shift_regions(n: int, window_size: int, shift_size: int) -> torch.Tensor:
     return (i >= n - window_size).long() + (i >= n - shift_size).long()
 
 
-def shifted_window_mask(height: int, width: int, window_size: int, shift_size: int,
-                        mask_value: float = SHIFT_MASK_VALUE) -> torch.Tensor:
+def shifted_window_mask(
+    height: int, width: int, window_size: int, shift_size: int, mask_value: float = SHIFT_MASK_VALUE
+) -> torch.Tensor:
     """(nW, N, N) additive mask for shifted-window attention on a height x width grid: 0 between tokens of the same
     region of the cyclically shifted map, ``mask_value`` (the reference's -100) otherwise. Same regions as the
     reference's 3x3 slices (0:-w, -w:-s, -s:), computed without a loop."""
@@ -142,8 +151,12 @@ def shifted_windows(height: int, width: int, window_size: int, shift_size: int) 
     regular = window_partition(pos, window_size).flatten()  # map position of each token in regular window order
     shifted = window_partition(torch.roll(pos, shifts=(-shift_size, -shift_size), dims=(1, 2)), window_size).flatten()
     regular_rank, shifted_rank = torch.argsort(regular), torch.argsort(shifted)
-    return ShiftedWindows(shifted_window_mask(height, width, window_size, shift_size), regular_rank[shifted],
-                          shifted_rank[regular], shifted_rank)
+    return ShiftedWindows(
+        shifted_window_mask(height, width, window_size, shift_size),
+        regular_rank[shifted],
+        shifted_rank[regular],
+        shifted_rank,
+    )
 
 
 class WindowAttention(nn.Module):
@@ -156,8 +169,15 @@ class WindowAttention(nn.Module):
     sends a mask that requires grad to its unfused "math" kernel, which is slower than the product written out here.
     """
 
-    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        window_size: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
         super().__init__()
         self.dim = dim
         self.window_size = window_size
@@ -206,8 +226,18 @@ class SwinBlock(nn.Module):
     then runs a shifting block on regular windows without a mask.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift: bool = False, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int = 7,
+        shift: bool = False,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
         super().__init__()
         self.window_size = window_size
         self.shift = shift
@@ -285,14 +315,34 @@ class SwinStage(nn.Module):
     sizes get theirs computed on the fly (a handful of small tensor ops, no per-window loop).
     """
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, resolution: tuple[int, int],
-                 mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float, drop_path: Sequence[float]) -> None:
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        resolution: tuple[int, int],
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop: float,
+        attn_drop: float,
+        drop_path: Sequence[float],
+    ) -> None:
         super().__init__()
         self.dim = dim
         self.window_size = window_size
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, window_size, shift=i % 2 == 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                      drop=drop, attn_drop=attn_drop, drop_path=drop_path[i])
+            SwinBlock(
+                dim,
+                num_heads,
+                window_size,
+                shift=i % 2 == 1,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop=drop,
+                attn_drop=attn_drop,
+                drop_path=drop_path[i],
+            )
             for i in range(depth)
         )
         self.has_shift = any(blk.shift for blk in self.blocks)
@@ -317,8 +367,12 @@ class SwinStage(nn.Module):
             plan = self._plan(height, width)
             if plan is None:
                 return None
-        return ShiftedWindows(plan.mask.to(device=x.device, dtype=x.dtype), plan.to_shifted.to(x.device),
-                              plan.to_regular.to(x.device), plan.to_spatial.to(x.device))
+        return ShiftedWindows(
+            plan.mask.to(device=x.device, dtype=x.dtype),
+            plan.to_shifted.to(x.device),
+            plan.to_regular.to(x.device),
+            plan.to_spatial.to(x.device),
+        )
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
@@ -436,9 +490,18 @@ class SwinUnet(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
 
         def stage_kwargs(i: int) -> dict:
-            return dict(dim=dims[i], depth=depths[i], num_heads=num_heads[i], window_size=window_size,
-                        resolution=(grid[0] // 2**i, grid[1] // 2**i), mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                        drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])])
+            return dict(
+                dim=dims[i],
+                depth=depths[i],
+                num_heads=num_heads[i],
+                window_size=window_size,
+                resolution=(grid[0] // 2**i, grid[1] // 2**i),
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+            )
 
         self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size)
         self.pos_drop = nn.Dropout(drop_rate)
@@ -469,8 +532,10 @@ class SwinUnet(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError for inputs this network cannot take (a user error, not an internal one)."""
-        why = (f" (the token grid of every stage, H/{self.patch_size} to H/{self.total_stride}, must be divisible by "
-               f"the window {self.window_size})")
+        why = (
+            f" (the token grid of every stage, H/{self.patch_size} to H/{self.total_stride}, must be divisible by "
+            f"the window {self.window_size})"
+        )
         check_image_batch(x, "SwinUnet", self.in_channels, self.size_multiple, why)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -520,7 +585,7 @@ def _unwrap_state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
     state = dict(obj)
     for prefix in _PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -580,8 +645,13 @@ def load_swin_pretrained(model: SwinUnet, path: str | os.PathLike) -> tuple[int,
     model.load_state_dict(to_load, strict=False)
 
     skipped = sorted(set(state) - used)
-    logger.info("Swin pretrained weights from %s: %d tensors loaded (%d into the decoder), %d skipped",
-                path, len(to_load), sum(k.startswith("layers_up.") for k in to_load), len(skipped))
+    logger.info(
+        "Swin pretrained weights from %s: %d tensors loaded (%d into the decoder), %d skipped",
+        path,
+        len(to_load),
+        sum(k.startswith("layers_up.") for k in to_load),
+        len(skipped),
+    )
     if mismatched:
         logger.info("shape mismatches skipped: %s", "; ".join(mismatched))
     logger.debug("skipped checkpoint tensors: %s", ", ".join(skipped))

@@ -6,6 +6,7 @@ term of every iteration, and the validation metrics, which must equal those the 
 """
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -77,7 +78,8 @@ def test_tracking_mlflow_logs_parameters_loss_terms_and_validation_metrics(tmp_p
     params = run.data.params
     assert params["max_epochs"] == "2" and params["epoch_length"] == "1"  # MONAI's own
     assert params["labeled_fraction"] == "0.3" and params["total_iterations"] == "2"  # the bundle's tracking_params
-    assert params["cps_weight"] == "1.0" and params["spatial_size"] == "[224, 224]"
+    config = json.loads((ROOT / "configs" / "train.json").read_text())
+    assert params["cps_weight"] == str(config["cps_weight"]) and params["spatial_size"] == "[224, 224]"
 
     for key in LOSS_TERMS:  # every term of every iteration, not the total alone
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key

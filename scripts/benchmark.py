@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from scripts.networks import SwinUnet, UNeXt
 from scripts.trainer import DualNetworkTrainer, SemiSupervisedLoader
 
-__all__ = ["iteration_times", "measure_iterations", "inference_times", "median_ms", "side_by_side"]
+__all__ = ["measure_iterations", "inference_times", "median_ms", "side_by_side"]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,19 +130,6 @@ def measure_iterations(
     trainer.run()
     deltas = [[b - a for a, b in zip(s0, s1)] for s0, s1 in zip(stamps, stamps[1:])][warmup:]
     return {name: [d[i] for d in deltas] for i, name in enumerate(ITERATION_FIGURES)}
-
-
-def iteration_times(
-    size: int = 224,
-    labeled_batch: int = 1,
-    unlabeled_batch: int = 4,
-    runs: int = 5,
-    warmup: int = 2,
-    amp: bool = False,
-    device: str = "cpu",
-) -> list[float]:
-    """Seconds of each timed training iteration (after ``warmup`` untimed ones); the GPU is synchronised."""
-    return measure_iterations(size, labeled_batch, unlabeled_batch, runs, warmup, amp, device)["seconds"]
 
 
 def iteration_child(keep_freed_memory: bool | None = None, threads: int | None = None, **kwargs) -> dict:

@@ -269,6 +269,7 @@ def pipeline_report(
     num_workers: int | None = None,
     writer_threads: int | None = None,
     stage_images: int = 20,
+    device: str = "cpu",
 ) -> dict:
     """Throughput of ``configs/inference.json`` on ``n_images`` images against the bare UNeXt forward at its batch
     size, and what each stage of an image costs when timed alone.
@@ -277,8 +278,9 @@ def pipeline_report(
     measurements) and with overlays. ``batch_size``, ``num_workers`` and ``writer_threads`` are the config's unless
     given. The stages (decoding, the rest of the preprocessing, the forward at that batch size, the postprocessing
     up to the mask, writing the mask, the measurement, the overlay) are timed one after the other on the first
-    ``stage_images`` images in this thread: the pipeline overlaps them (DataLoader workers decode, threads measure
-    and draw), so their sum is the CPU work per image, not the pipeline's time per image.
+    ``stage_images`` images in this thread (the network on ``device``): the pipeline overlaps them (DataLoader
+    workers decode, threads measure and draw), so their sum is the CPU work per image, not the pipeline's time per
+    image.
     """
     from monai.bundle import ConfigWorkflow
     from monai.data import MetaTensor
@@ -312,7 +314,7 @@ def pipeline_report(
             ckpt_dir=str(ckpt_dir),
             output_dir=str(work / out),
             datalist=files,
-            device=torch.device("cpu"),
+            device=torch.device(device),
             progress=False,
             save_overlays=overlays,
             **overrides,
@@ -328,12 +330,15 @@ def pipeline_report(
     settings = {k: int(parser.get_parsed_content(k)) for k in given}
     size = tuple(int(s) for s in parser.get_parsed_content("spatial_size"))
 
-    net = parser.get_parsed_content("network").eval()
-    net.load_state_dict(torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True))
+    device = torch.device(device)
+    net = parser.get_parsed_content("network").eval().to(device)
+    net.load_state_dict(torch.load(ckpt_dir / "model.pt", map_location=device, weights_only=True))
     batch = settings["batch_size"]
     with torch.no_grad():
-        x = torch.rand(batch, 3, *size)
-        per_batch = statistics.median(inference_times(lambda: net(x), runs=max(3, len(files) // batch), warmup=2))
+        x = torch.rand(batch, 3, *size, device=device)
+        per_batch = statistics.median(
+            inference_times(lambda: net(x), runs=max(3, len(files) // batch), warmup=2, device=device)
+        )
     throughput["bare_forward"] = batch / per_batch
 
     preprocessing = parser.get_parsed_content("preprocessing")
@@ -361,8 +366,8 @@ def pipeline_report(
         )
         data = timed("rest of the preprocessing (scale, resize)", lambda: chain(preprocessing.transforms[2:], data))
         with torch.no_grad():
-            logits = net(data["image"].as_tensor()[None])[0]
-        data["pred"] = MetaTensor(logits)
+            logits = net(data["image"].as_tensor()[None].to(device))[0]
+        data["pred"] = MetaTensor(logits.cpu())
         data = timed("postprocess to the mask (softmax, Invertd, argmax, clean)", lambda: chain(to_mask, data))
         timed("write the mask PNG (SaveImaged)", lambda: chain(save_mask, dict(data)))
         name = Path(item["image"]).name
@@ -383,6 +388,7 @@ def pipeline_report(
         "image_size": image_size,
         "spatial_size": size,
         "model": described,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         **settings,
         "images_per_s": throughput,
         "stages_ms": dict(items),
@@ -509,17 +515,28 @@ class Benchmarks:
         batch_size: int | None = None,
         num_workers: int | None = None,
         writer_threads: int | None = None,
+        device: str = "cpu",
     ) -> None:
         """``configs/inference.json`` on ``n_images`` phantom images (or ``input_dir``), with and without overlays,
-        against the bare UNeXt forward at the same batch size; then each stage's cost per image, timed alone."""
+        against the bare UNeXt forward at the same batch size; then each stage's cost per image, timed alone.
+        ``--device cuda`` runs the network there (the rest of the pipeline stays on the CPU)."""
         torch.set_num_threads(threads)
         with tempfile.TemporaryDirectory() as tmp:
             report = pipeline_report(
-                Path(work_dir or tmp), n_images, runs, input_dir, model, batch_size, num_workers, writer_threads
+                Path(work_dir or tmp),
+                n_images,
+                runs,
+                input_dir,
+                model,
+                batch_size,
+                num_workers,
+                writer_threads,
+                device=device,
             )
         rates = report["images_per_s"]
         print(
-            f"torch {torch.__version__}, {threads} threads; {report['n_images']} images of {report['image_size']} "
+            f"torch {torch.__version__}, {report['device']}, {threads} threads; {report['n_images']} images of "
+            f"{report['image_size']} "
             f"(W x H); model: {report['model']}; batch {report['batch_size']}, {report['num_workers']} DataLoader "
             f"workers, {report['writer_threads']} writer threads; median of {runs} runs"
         )

@@ -1,12 +1,13 @@
 """Fetal biometry from a segmentation: the fitted ellipse and its circumference in mm (HC for heads, AC for abdomens).
 
 The structure is taken as the largest connected foreground region with its holes filled; its sub-pixel boundary
-(scikit-image ``find_contours`` at level 0.5) is converted to mm with the pixel size and fitted with scikit-image's
-``EllipseModel`` inside scikit-image's ``ransac``: a leak into a shadow or a missing stretch of skull moves part of
-the boundary off the head's ellipse, and RANSAC fits the ellipse that most boundary points agree with, then refits
-it by least squares to those points alone (``method="least_squares"`` fits every boundary point, the former
-behaviour). The circumference is Ramanujan's second approximation, as the HC18 challenge computes it
-(van den Heuvel et al. 2018): ``pi (a + b) (1 + 3h / (10 + sqrt(4 - 3h)))``, ``h = ((a - b) / (a + b))^2``.
+(scikit-image ``find_contours`` at level 0.5) is converted to mm with the pixel size and fitted robustly: a leak
+into a shadow or a missing stretch of skull moves part of the boundary off the head's ellipse, and RANSAC
+(:func:`ransac_ellipse`, every trial at once) finds the ellipse that most boundary points lie close to, then
+scikit-image's ``EllipseModel`` refits it by least squares to those points alone (``method="least_squares"`` fits
+every boundary point, the former behaviour). The circumference is Ramanujan's second approximation, as the HC18
+challenge computes it (van den Heuvel et al. 2018): ``pi (a + b) (1 + 3h / (10 + sqrt(4 - 3h)))``,
+``h = ((a - b) / (a + b))^2``.
 
 Every fit reports its residual (RMS distance of the kept boundary points to the ellipse) and the fraction of boundary
 points it kept, and carries quality flags (:data:`FLAGS`, :func:`quality_flags`) that say when a measurement should
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
-from skimage.measure import EllipseModel, find_contours, ransac
+from skimage.measure import EllipseModel, find_contours
 
 __all__ = [
     "FLAGS",
@@ -40,6 +41,7 @@ __all__ = [
     "fit_ellipse",
     "parse_flags",
     "quality_flags",
+    "ransac_ellipse",
 ]
 
 HC18_SUBMISSION_COLUMNS = ("filename", "center_x_mm", "center_y_mm", "semi_axes_a_mm", "semi_axes_b_mm", "angle_rad")
@@ -80,8 +82,10 @@ FLAGS: dict[str, str] = {
 # from its ellipse; an outline that wobbles by 2 px still measures within 0.1 %, a leak or a notch lies far outside.
 INLIER_DISTANCE_PX = 1.5  # RANSAC: a boundary point within this distance of the ellipse is kept ...
 INLIER_DISTANCE_FRACTION = 0.02  # ... or within this fraction of the region's equivalent radius, if more
-RANSAC_TRIALS = 300
+RANSAC_TRIALS = 1000  # at most; in batches of 200 (ransac_ellipse) ...
+RANSAC_STOP_PROBABILITY = 0.999  # ... until an all-inlier sample was drawn with this probability
 RANSAC_POINTS = 400
+FINALISTS = 20  # RANSAC: trials whose consensus is counted again with exact distances (ransac_ellipse)
 RANSAC_STOP_FRACTION = 0.95  # no RANSAC when the least-squares ellipse keeps this fraction of the points
 RANSAC_SEED = 0  # fixed: the same mask always gives the same measurement
 MAX_FIT_RESIDUAL_PX = 1.0  # large_fit_residual: RMS distance of the kept points above this many pixels ...
@@ -108,18 +112,19 @@ def ellipse_circumference(a, b):
     return float(result) if result.ndim == 0 else result
 
 
-def ellipse_distances(points: np.ndarray, center, axes, theta: float, iterations: int = 6) -> np.ndarray:
+def ellipse_distances(points: np.ndarray, center, axes, theta, iterations: int = 6) -> np.ndarray:
     """Euclidean distance of each (x, y) point to the ellipse (centre, semi-axes (a, b) along theta and theta + 90°).
 
     The closest point is found for all points at once by the fixed-point iteration on the ellipse's evolute
     (C. Chatfield, "Simple method for distance to ellipse", blog.chatfield.io, 2017).
     Written here because scikit-image's ``EllipseModel.residuals`` solves one scipy least-squares problem per point,
-    too slow for RANSAC's hundreds of trials over thousands of boundary points.
+    too slow for RANSAC's hundreds of trials over thousands of boundary points. The ellipse's parameters may be
+    arrays of T ellipses: the result is then (T, N), one row per ellipse.
     """
     points = np.asarray(points, dtype=np.float64)
-    a, b = float(axes[0]), float(axes[1])
-    c, s = math.cos(theta), math.sin(theta)
-    dx, dy = points[:, 0] - center[0], points[:, 1] - center[1]
+    cx, cy, a, b, theta = (np.asarray(v, dtype=np.float64)[..., None] for v in (*center, *axes, theta))
+    c, s = np.cos(theta), np.sin(theta)
+    dx, dy = points[:, 0] - cx, points[:, 1] - cy
     px, py = np.abs(dx * c + dy * s), np.abs(-dx * s + dy * c)  # first quadrant of the ellipse's own frame
     tx = np.full_like(px, math.sqrt(0.5))
     ty = tx.copy()
@@ -133,6 +138,94 @@ def ellipse_distances(points: np.ndarray, center, axes, theta: float, iterations
         norm = np.hypot(tx, ty)
         tx, ty = tx / norm, ty / norm
     return np.hypot(px - a * tx, py - b * ty)
+
+
+def _conics_through(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The conic ``A x^2 + B xy + C y^2 + D x + E y + F = 0`` through each of T sets of five (x, y) points
+    (``samples`` (T, 5, 2)): its coefficients (T, 6) in coordinates centred on each set's mean and divided by its
+    scale, with those means (T, 2) and scales (T,). The coefficients are the null vector of the 5 x 6 design matrix
+    (batched SVD)."""
+    mean = samples.mean(axis=1)
+    scale = np.maximum(np.abs(samples - mean[:, None]).max(axis=(1, 2)), 1e-12)
+    x, y = np.moveaxis((samples - mean[:, None]) / scale[:, None, None], -1, 0)
+    design = np.stack([x * x, x * y, y * y, x, y, np.ones_like(x)], axis=-1)
+    return np.linalg.svd(design)[2][:, -1], mean, scale
+
+
+def _ellipse_of_conic(conic: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``(cx, cy, a, b, theta, valid)`` of T conics from :func:`_conics_through` (``valid`` False where a conic is no
+    real ellipse): the centre solves the gradient's zero, the semi-axes are ``sqrt(-F0 / lambda)`` for the
+    eigenvalues ``lambda`` of ``[[A, B/2], [B/2, C]]`` (``F0`` the conic's value at the centre), the longer one
+    (``a``) along the smaller eigenvalue's axis, at ``0.5 atan2(B, A - C) + pi/2``."""
+    A, B, C, D, E, F = (conic * np.where(conic[:, :1] + conic[:, 2:3] < 0, -1.0, 1.0)).T  # the sign with A + C > 0
+    with np.errstate(all="ignore"):
+        det = 4 * A * C - B * B  # > 0 for an ellipse (the coefficients have norm 1: ~1e-16 for a line)
+        cx, cy = (B * E - 2 * C * D) / det, (B * D - 2 * A * E) / det
+        f0 = A * cx * cx + B * cx * cy + C * cy * cy + D * cx + E * cy + F
+        half_sum, half_diff = (A + C) / 2, np.hypot((A - C) / 2, B / 2)
+        a, b = np.sqrt(-f0 / (half_sum - half_diff)), np.sqrt(-f0 / (half_sum + half_diff))
+    theta = 0.5 * np.arctan2(B, A - C) + math.pi / 2
+    valid = (det > 1e-12) & np.isfinite(a) & np.isfinite(b) & (b > 0)
+    return mean[:, 0] + cx * scale, mean[:, 1] + cy * scale, a * scale, b * scale, theta, valid
+
+
+def _msac_finalists(points: np.ndarray, picks: np.ndarray, threshold: float) -> tuple[np.ndarray, ...] | None:
+    """The :data:`FINALISTS` of one batch of trials (``picks``: (T, 5) point indices) of least approximate MSAC cost,
+    as ``(cx, cy, a, b, theta)`` arrays; None when no trial gives an ellipse."""
+    conic, mean, scale = _conics_through(points[picks])
+    *ellipse, valid = _ellipse_of_conic(conic, mean, scale)
+    if not valid.any():
+        return None
+    conic, mean, scale = conic[valid], mean[valid], scale[valid]
+    x = (points[:, 0] - mean[:, :1]) / scale[:, None]  # (T, N), each trial's own coordinates
+    y = (points[:, 1] - mean[:, 1:]) / scale[:, None]
+    A, B, C, D, E, F = (c[:, None] for c in conic.T)
+    value = (A * x + B * y + D) * x + (C * y + E) * y + F
+    gradient = np.hypot(2 * A * x + B * y + D, B * x + 2 * C * y + E)
+    approximate = np.minimum(np.abs(value) / np.maximum(gradient, 1e-300) * scale[:, None], threshold)
+    order = np.argsort((approximate**2).sum(axis=1), kind="stable")[:FINALISTS]
+    return tuple(v[valid][order] for v in ellipse)
+
+
+def ransac_ellipse(
+    points: np.ndarray,
+    threshold: float,
+    max_trials: int = 1000,
+    seed: int = 0,
+    stop_probability: float = 0.999,
+    batch: int = 200,
+) -> tuple[tuple[float, float], tuple[float, float], float] | None:
+    """RANSAC's consensus ellipse ``((cx, cy), (a, b), theta)`` of (N, 2) points: of the ellipses through five random
+    points (seeded), the one of least MSAC cost (Torr and Zisserman 2000), the sum over the points of the squared
+    distance capped at ``threshold`` (most points close to it, and those closest); None when no sample gives one.
+
+    Trials run in batches of ``batch`` until enough have been drawn to find an all-inlier sample with
+    ``stop_probability`` at the best ellipse's inlier fraction ``w`` (``log(1 - p) / log(1 - w^5)`` trials, as
+    scikit-image's ``ransac`` stops), or ``max_trials``. In a batch every trial is first scored with Sampson's
+    first-order distances, ``|Q(p)| / |grad Q(p)|`` for the conic ``Q`` (Hartley and Zisserman, Multiple View
+    Geometry, 2nd ed., section 4.2.6), which match the Euclidean distance near the curve; its :data:`FINALISTS` of
+    least cost are scored again with the exact distances (:func:`ellipse_distances`). Written here because
+    scikit-image's ``ransac`` runs one trial at a time in Python with its ``EllipseModel`` (about 0.7 ms per trial,
+    which dominated an image's inference); here a batch of trials is computed at once as arrays.
+    """
+    rng = np.random.default_rng(seed)
+    best, best_cost, needed, done = None, math.inf, max_trials, 0
+    while done < min(needed, max_trials):
+        picks = np.argsort(rng.random((batch, len(points))), axis=1)[:, :5]
+        done += batch
+        finalists = _msac_finalists(points, picks, threshold)
+        if finalists is None:
+            continue
+        cx, cy, a, b, theta = finalists
+        distances = ellipse_distances(points, (cx, cy), (a, b), theta)
+        costs = (np.minimum(distances, threshold) ** 2).sum(axis=1)
+        i = int(np.argmin(costs))
+        if costs[i] < best_cost:
+            best_cost = costs[i]
+            best = (float(cx[i]), float(cy[i])), (float(a[i]), float(b[i])), float(theta[i])
+            w = float((distances[i] < threshold).mean())
+            needed = math.ceil(math.log(1 - stop_probability) / math.log1p(-(w**5))) if 0 < w < 1 else done
+    return best
 
 
 class _EllipseModel(EllipseModel):
@@ -240,6 +333,7 @@ def fit_ellipse(
     model = _EllipseModel.from_estimate(points)
     if not _valid_ellipse(model):
         return None
+    ellipse = tuple(model.center), tuple(model.axis_lengths), float(model.theta)
     kept = np.ones(len(points), bool)
     threshold = _inlier_distance(region, (sx, sy), inlier_distance_px)
     # a clean outline: the least-squares ellipse already keeps nearly every point, there is nothing to be robust to
@@ -248,27 +342,22 @@ def fit_ellipse(
         # the consensus is searched on at most RANSAC_POINTS evenly spaced boundary points (neighbouring contour
         # points are ~0.5 px apart and say the same); the inliers and the final fit use every point
         sample = points[:: max(1, math.ceil(len(points) / RANSAC_POINTS))]
-        robust, inliers = ransac(
-            sample,
-            _EllipseModel,
-            min_samples=5,
-            residual_threshold=threshold,
-            is_model_valid=_valid_ellipse,
-            max_trials=RANSAC_TRIALS,
-            stop_probability=0.999,
-            rng=RANSAC_SEED,
-        )
-        if robust is not None and _valid_ellipse(robust) and inliers is not None and inliers.sum() >= 5:
-            # refit on every boundary point the consensus ellipse keeps
-            again = np.asarray(robust.residuals(points)) < threshold
-            refit = _EllipseModel.from_estimate(points[again]) if again.sum() >= 5 else None
-            candidate, agree = (refit, again) if refit is not None and _valid_ellipse(refit) else (robust, inliers)
-            area = math.pi * float(np.prod(candidate.axis_lengths))
+        robust = ransac_ellipse(sample, threshold, RANSAC_TRIALS, RANSAC_SEED, RANSAC_STOP_PROBABILITY)
+        agree = ellipse_distances(points, *robust) < threshold if robust is not None else np.zeros(len(points), bool)
+        if agree.sum() >= 5:
+            # refit by least squares on every boundary point the consensus ellipse keeps
+            refit = _EllipseModel.from_estimate(points[agree])
+            candidate = (
+                (tuple(refit.center), tuple(refit.axis_lengths), float(refit.theta))
+                if _valid_ellipse(refit)
+                else robust
+            )
+            area = math.pi * float(np.prod(candidate[1]))
             if agree.mean() >= MIN_RANSAC_FRACTION and area <= MAX_RANSAC_AREA_RATIO * region.sum() * sx * sy:
-                model, kept = candidate, agree
+                ellipse, kept = candidate, agree
             # else: too little of the outline agrees on one ellipse, or that ellipse is far larger than the region
             # (an arc of a broken mask extrapolated): keep the least-squares fit of every point, which the flags mark
-    (cx, cy), (r1, r2), theta = model.center, model.axis_lengths, float(model.theta)
+    (cx, cy), (r1, r2), theta = ellipse
     a, b = (r1, r2) if r1 >= r2 else (r2, r1)
     if r1 < r2:
         theta += math.pi / 2
@@ -313,7 +402,9 @@ def field_of_view(image: Any, closing_px: int = 5) -> np.ndarray:
         image = image.max(axis=0)
     if image.ndim != 2:
         raise ValueError(f"field_of_view takes a 2D image (or C x X x Y), got shape {image.shape}")
-    signal = ndimage.binary_closing(image > 0, structure=np.ones((3, 3), bool), iterations=closing_px, border_value=0)
+    # a closing by the (2 closing_px + 1)-square: closing_px 3 x 3 closings at once, as separable max/min filters
+    size = 2 * closing_px + 1
+    signal = ndimage.minimum_filter(ndimage.maximum_filter(image > 0, size, mode="constant"), size, mode="constant")
     labels, sizes = _components(signal)
     if not len(sizes):
         return np.ones(image.shape, bool)
@@ -327,9 +418,12 @@ def _convex_hull(region: np.ndarray) -> np.ndarray:
     takes tens of milliseconds per ultrasound frame; the hull's polygon is filled scan line by scan line here (the
     edge pixels can differ by one, well inside the border margin the flags use).
     """
-    edge = np.argwhere(region & ~ndimage.binary_erosion(region, border_value=0))
+    rows = np.flatnonzero(region.any(axis=1))
+    first = region[rows].argmax(axis=1)
+    last = region.shape[1] - 1 - region[rows, ::-1].argmax(axis=1)
+    ends = np.concatenate([np.stack([rows, first], 1), np.stack([rows, last], 1)])  # each row's outermost pixels
     try:
-        vertices = edge[ConvexHull(edge).vertices]  # the hull of the edge pixels' centres
+        vertices = ends[ConvexHull(ends).vertices]  # the hull of their centres
     except QhullError:  # a line or a single pixel: the region is its own hull
         return region.copy()
     # PIL's polygon fill (C, scan lines) on an image whose columns are the mask's second axis

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 from scipy.special import ellipe
+from skimage.measure import EllipseModel
 
 from scripts.biometry import (
     PHYSIOLOGICAL_RANGE_MM,
@@ -17,6 +18,7 @@ from scripts.biometry import (
     fit_ellipse,
     parse_flags,
     quality_flags,
+    ransac_ellipse,
 )
 from scripts.data.hc18 import TRAINING_CSV_NAME, load_hc18_mask
 from scripts.data.phantom import generate_phantom
@@ -87,6 +89,44 @@ def test_distance_to_ellipse_matches_dense_sampling():
         ey = center[1] + a * math.sin(theta) * np.cos(t) + b * math.cos(theta) * np.sin(t)
         brute = np.array([np.hypot(ex - x, ey - y).min() for x, y in points])
         np.testing.assert_allclose(ellipse_distances(points, center, (a, b), theta), brute, atol=2e-5 * a)
+
+    # several ellipses at once: one row of distances per ellipse, each equal to its own single-ellipse call
+    axes = np.array([[30.0, 10.0], [20.0, 20.0]])
+    rows = ellipse_distances(
+        points, (np.zeros(2), np.array([0.0, 1.0])), (axes[:, 0], axes[:, 1]), np.array([0.3, 1.0])
+    )
+    for row, (a, b), theta, cy in zip(rows, axes, (0.3, 1.0), (0.0, 1.0)):
+        np.testing.assert_allclose(row, ellipse_distances(points, (0.0, cy), (a, b), theta))
+
+
+def ellipse_points(center, a, b, theta, t):
+    """(x, y) points of an ellipse at parameter angles t."""
+    c, s = math.cos(theta), math.sin(theta)
+    return np.stack(
+        [center[0] + a * c * np.cos(t) - b * s * np.sin(t), center[1] + a * s * np.cos(t) + b * c * np.sin(t)], 1
+    )
+
+
+def test_ransac_finds_the_ellipse_most_points_lie_on():
+    """Half the points on an ellipse (jittered by 0.1), half on a wrong one and scattered: RANSAC's consensus is the
+    first ellipse (centre, semi-axes a >= b, angle mod pi), whatever the seed."""
+    rng = np.random.default_rng(5)
+    truth = (12.0, -7.0), 40.0, 25.0, 2.0
+    on = ellipse_points(*truth, rng.uniform(0, 2 * math.pi, 200)) + rng.normal(0, 0.1, (200, 2))
+    decoy = ellipse_points((30.0, 5.0), 30.0, 28.0, 0.0, rng.uniform(0, 2 * math.pi, 100))
+    points = np.concatenate([on, decoy, rng.uniform(-60, 60, (100, 2))])
+    for seed in range(3):
+        (cx, cy), (a, b), theta = ransac_ellipse(points, threshold=0.5, seed=seed)
+        assert (cx, cy) == pytest.approx(truth[0], abs=0.5) and (a, b) == pytest.approx(truth[1:3], abs=0.5)
+        assert a >= b and math.remainder(theta - truth[3], math.pi) == pytest.approx(0.0, abs=0.05)
+        # a consensus of five jittered points is itself a little off: it keeps most of the true points and almost
+        # none of the others, and scikit-image's least-squares fit of those lands on the truth
+        inliers = ellipse_distances(points, (cx, cy), (a, b), theta) < 0.5
+        assert inliers[:200].mean() > 0.75 and inliers[200:].mean() < 0.05
+        refit = EllipseModel.from_estimate(points[inliers])
+        assert tuple(refit.center) == pytest.approx(truth[0], abs=0.05)
+        assert sorted(refit.axis_lengths, reverse=True) == pytest.approx(truth[1:3], abs=0.05)
+    assert ransac_ellipse(np.stack([np.arange(20.0), 2 * np.arange(20.0)], 1), threshold=0.5) is None  # a line
 
 
 # A drawn head: semi-axes 40 x 30 mm at 0.2 mm pixels (200 x 150 px), rotated; boundary point at parameter angle phi

@@ -12,14 +12,14 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 common=(--fractions "['n25']" --recipe configs/evidence_recipe.json --dataset_dir $data --threads 1
         --overrides "{'max_train_images': 500}")
 # 1. the full method and both supervised baselines, seeds 0-2 (same splits, same schedule)
-python -m scripts.compare run --output_dir $out/evidence --methods "['supervised','supervised_same_batch','full']" \
+python -m scripts.experiments.compare run --output_dir $out/evidence --methods "['supervised','supervised_same_batch','full']" \
   --seeds "[0,1,2]" "${common[@]}"
 # 2. the full method with the self-supervised (SimMIM) Swin-Unet start, seed 0: pretrain on seed 0's training pool
-python -m scripts.pretrain --prepared_dir $out/evidence/prepared_n25_seed0 --output $out/evidence_ssl/swin_simmim_seed0.pt \
+python -m scripts.method.pretrain --prepared_dir $out/evidence/prepared_n25_seed0 --output $out/evidence_ssl/swin_simmim_seed0.pt \
   --iterations 300 --batch_size 8
-python -m scripts.compare run --output_dir $out/evidence_ssl --methods "['full']" --seeds "[0]" --fractions "['n25']" \
+python -m scripts.experiments.compare run --output_dir $out/evidence_ssl --methods "['full']" --seeds "[0]" --fractions "['n25']" \
   --recipe configs/evidence_recipe.json --dataset_dir $data --threads 1 \
   --overrides "{'max_train_images': 500, 'swin_pretrained_path': '$PWD/$out/evidence_ssl/swin_simmim_seed0.pt'}"
 # 3. tables: mean ± std over seeds, per-seed paired differences against each baseline; the figure
-python -m scripts.compare table --output_dir $out/evidence --paired "[['full','supervised'],['full','supervised_same_batch']]"
+python -m scripts.experiments.compare table --output_dir $out/evidence --paired "[['full','supervised'],['full','supervised_same_batch']]"
 python docs/make_evidence_figure.py --groups "{'': '$out/evidence', 'SimMIM start': '$out/evidence_ssl'}" --out docs/evidence.png

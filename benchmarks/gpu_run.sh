@@ -22,16 +22,16 @@ py=${PYTHON:-python3}
 
 $py -m scripts.data phantom --dataset_dir "$work/phantom" > "$work/phantom.log" 2>&1 &
 phantom=$!
-[ "${ITERATION:-1}" = 1 ] && timeout 150 $py -m scripts.benchmark iteration --device cuda --sizes "[224, 448]" --runs 5 --warmup 3 \
+[ "${ITERATION:-1}" = 1 ] && timeout 150 $py -m scripts.experiments.benchmark iteration --device cuda --sizes "[224, 448]" --runs 5 --warmup 3 \
   --amp "[False, True]" 2>&1 | grep -v Warning | tee "$results/iteration_gpu.txt"
 wait $phantom || { echo "phantom generation failed"; tail "$work/phantom.log"; }
 
 deadline=$(( $(left) - 45 ))
 echo "training runs get $deadline s"
-[ "${PAPER:-1}" = 1 ] && timeout -k 10 $deadline $py -m scripts.compare run --output_dir "$work/paper" --dataset_dir "$work/phantom" \
+[ "${PAPER:-1}" = 1 ] && timeout -k 10 $deadline $py -m scripts.experiments.compare run --output_dir "$work/paper" --dataset_dir "$work/phantom" \
   --recipe configs/paper_recipe.json --methods "['supervised','full']" --fractions "[0.05]" --seeds "[0]" \
   --workers 2 --threads 3 > "$results/paper.log" 2>&1 &
-timeout -k 10 $deadline $py -m scripts.compare run --output_dir "$work/grid" --dataset_dir "$work/phantom" \
+timeout -k 10 $deadline $py -m scripts.experiments.compare run --output_dir "$work/grid" --dataset_dir "$work/phantom" \
   --methods "${GRID_METHODS:-['full','no_divergence','no_ict','no_cps','cross_teaching']}" \
   --fractions "${GRID_FRACTIONS:-[0.05, 0.1]}" --seeds "[0, 1, 2]" --workers ${GRID_WORKERS:-3} --threads 2 > "$results/grid.log" 2>&1 &
 while [ -n "$(jobs -r)" ]; do
@@ -40,7 +40,7 @@ while [ -n "$(jobs -r)" ]; do
        "grid $(ls "$work"/grid/*/result.json 2>/dev/null | wc -l) done"
 done
 for d in paper grid; do
-  ls "$work/$d"/*/result.json > /dev/null 2>&1 && $py -m scripts.compare table --output_dir "$work/$d" 2>&1 | tail -20
+  ls "$work/$d"/*/result.json > /dev/null 2>&1 && $py -m scripts.experiments.compare table --output_dir "$work/$d" 2>&1 | tail -20
 done
 tar czf "$results/runs.tgz" -C "$work" --exclude='*.pt' --exclude=tensorboard --exclude='prepared_*' \
   --exclude=phantom --exclude='*.nii.gz' $(cd "$work" && ls -d paper grid 2>/dev/null)

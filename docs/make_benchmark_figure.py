@@ -1,4 +1,4 @@
-"""Draw docs/benchmark.png from finished comparison runs (scripts.compare output folders).
+"""Draw docs/benchmark.png from finished comparison runs (scripts.experiments.compare output folders).
 
     python docs/make_benchmark_figure.py --out docs/benchmark.png \
         --groups "{'CPU, demo schedule': 'runs/compare_cpu', 'H100, demo schedule': 'runs/gpu/grid', \
@@ -19,7 +19,7 @@ from pathlib import Path
 import fire
 from matplotlib.figure import Figure
 
-from scripts.compare import METHODS
+from scripts.experiments.compare import METHODS
 
 
 def _results(folder: str) -> list[dict]:

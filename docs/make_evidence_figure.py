@@ -4,8 +4,8 @@
         --groups "{'': 'docs/benchmark/evidence', 'SimMIM start': 'docs/benchmark/evidence_ssl'}" \
         --out docs/evidence.png
 
-Reads each run's ``result.json`` and ``diagnostics.csv`` (a run folder of ``scripts.compare``, or its committed
-copy under docs/benchmark/): left, each run's test
+Reads each run's ``result.json`` and ``diagnostics.csv`` (a run folder of ``scripts.experiments.compare``, or its
+committed copy under docs/benchmark/): left, each run's test
 Dice (dots) and the mean over seeds (bar) per method; middle, the validation Dice of the UNeXt, the Swin-Unet and
 its EMA teacher over the iterations (mean over the full method's seeds); right, the Dice of each network's hard
 pseudo-labels on unlabelled images against their hidden masks, and the ramped weights.

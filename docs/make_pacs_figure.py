@@ -1,5 +1,5 @@
-"""Draw docs/pacs_result.png from what a PACS holds after ``python -m scripts.pacs run``: for each measurement SR of a
-study, the source image, the stored SEG's mask outline and the SR's circumference, all read back over DICOMweb.
+"""Draw docs/pacs_result.png from what a PACS holds after ``python -m scripts.clinical.pacs run``: for each measurement
+SR of a study, the source image, the stored SEG's mask outline and the SR's circumference, all read back over DICOMweb.
 
     FETAL_PACS_USER=... FETAL_PACS_PASSWORD=... python docs/make_pacs_figure.py --url http://127.0.0.1:8042/dicom-web \
         --study_uid 1.2.3 --output docs/pacs_result.png
@@ -19,7 +19,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts import pacs  # noqa: E402
+from scripts.clinical import pacs  # noqa: E402
 from scripts.data.dicom import read_ultrasound_dicom  # noqa: E402
 
 LOINC_CIRCUMFERENCES = {"11984-2": "HC", "11979-2": "AC"}

@@ -1,7 +1,7 @@
 """The inference-pipeline benchmark runs inference.json for real, with and without overlays, beside the bare
 forward at the same batch size, and times each stage of an image alone."""
 
-from scripts.benchmark import pipeline_report
+from scripts.experiments.benchmark import pipeline_report
 
 
 def test_pipeline_report_on_three_phantom_images(tmp_path):

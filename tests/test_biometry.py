@@ -10,7 +10,9 @@ from scipy import ndimage
 from scipy.special import ellipe
 from skimage.measure import EllipseModel
 
-from scripts.biometry import (
+from scripts.data.hc18 import TRAINING_CSV_NAME, load_hc18_mask
+from scripts.data.phantom import generate_phantom
+from scripts.evaluation.biometry import (
     PHYSIOLOGICAL_RANGE_MM,
     ellipse_circumference,
     ellipse_distances,
@@ -20,8 +22,6 @@ from scripts.biometry import (
     quality_flags,
     ransac_ellipse,
 )
-from scripts.data.hc18 import TRAINING_CSV_NAME, load_hc18_mask
-from scripts.data.phantom import generate_phantom
 
 
 @pytest.mark.parametrize("a, b", [(5.0, 5.0), (100.0, 80.0), (60.0, 20.0), (3.0, 0.5)])
@@ -244,7 +244,7 @@ def test_sector_hull_matches_scikit_image_convex_hull_image():
     """The scan-line hull equals scikit-image's convex_hull_image but for pixels on its edge."""
     from skimage.morphology import convex_hull_image
 
-    from scripts.biometry import _convex_hull
+    from scripts.evaluation.biometry import _convex_hull
 
     image, inside = fan()
     rng = np.random.default_rng(1)

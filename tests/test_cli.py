@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser
 
-from scripts.cli import UsageError, check_arguments, check_bundle_command_line, main, unknown_bundle_options
+from scripts.utils.cli import UsageError, check_arguments, check_bundle_command_line, main, unknown_bundle_options
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_MAIN = str(Path(sys.modules["monai"].__file__).parent / "bundle" / "__main__.py")
@@ -99,12 +99,17 @@ def test_main_help_prints_the_docstrings_and_every_option(capsys):
 
 ENTRY_POINTS = [  # (module or file, command words, one option it takes, the docstring words its help shows)
     ("scripts.data", ["prepare"], "--labeled_fraction", "Write PREPARED_DIR/datalist.json"),
-    ("scripts.compare", ["run"], "--fractions", "Train and evaluate every (method, fraction, seed)"),
-    ("scripts.benchmark", ["latency"], "--runs", "Median batch-1 UNeXt inference"),
-    ("scripts.pacs", ["run"], "--study_uid", "PACS round trip over DICOMweb"),
-    ("scripts.pretrain", [], "--max_train_images", "masked-image modelling"),
-    ("scripts.monailabel_venv", [], "--cache_dir", "Print the python of MONAI Label's venv"),
-    ("scripts/monailabel_app.py", ["export"], "--train_overrides", "Write the MONAI Label copy of the bundle"),
+    ("scripts.experiments.compare", ["run"], "--fractions", "Train and evaluate every (method, fraction, seed)"),
+    ("scripts.experiments.benchmark", ["latency"], "--runs", "Median batch-1 UNeXt inference"),
+    ("scripts.clinical.pacs", ["run"], "--study_uid", "PACS round trip over DICOMweb"),
+    ("scripts.method.pretrain", [], "--max_train_images", "masked-image modelling"),
+    ("scripts.tools.monailabel_venv", [], "--cache_dir", "Print the python of MONAI Label's venv"),
+    (
+        "scripts/deployment/monailabel_app.py",
+        ["export"],
+        "--train_overrides",
+        "Write the MONAI Label copy of the bundle",
+    ),
 ]
 
 
@@ -139,7 +144,7 @@ def test_every_command_refuses_an_unknown_option_before_any_work(
 
 
 def test_bare_pacs_prints_its_help_not_a_key_error(monkeypatch, capsys):
-    assert run_entry_point("scripts.pacs", [], monkeypatch) == 2
+    assert run_entry_point("scripts.clinical.pacs", [], monkeypatch) == 2
     assert "commands:\n  run " in capsys.readouterr().err
 
 
@@ -170,7 +175,7 @@ def test_prepare_never_fills_a_named_empty_folder_with_a_phantom(monkeypatch, ca
 
 def test_one_default_labelled_fraction_everywhere():
     from scripts.data.__main__ import prepare as prepare_command
-    from scripts.pretrain import pretrain
+    from scripts.method.pretrain import pretrain
 
     train = ConfigParser.load_config_file(ROOT / "configs" / "train.json")["labeled_fraction"]
     for command in (prepare_command, pretrain):
@@ -216,7 +221,8 @@ def test_bundle_command_line_check(monkeypatch, capsys):
             "--tracking", "mlflow", "--tracking_uri", "sqlite:////tmp/m.db", "--experiment_name", "e", "--run_name", "r"
         )
     )
-    assert check_bundle_command_line(["scripts/pacs.py", "run", "--labelled_fraction", "1"])  # not monai.bundle run
+    # not monai.bundle run
+    assert check_bundle_command_line(["scripts/clinical/pacs.py", "run", "--labelled_fraction", "1"])
     with pytest.raises(SystemExit) as exit_:
         check_bundle_command_line(bundle_argv("--labelled_fraction", "0.3", "--run_name", "r"))  # no --tracking
     assert exit_.value.code == 2

@@ -6,7 +6,7 @@ import statistics
 import numpy as np
 import pytest
 
-from scripts.compare import mean_std, run_all, summarise, write_table
+from scripts.experiments.compare import mean_std, run_all, summarise, write_table
 
 
 def fake_runner(calls):
@@ -102,7 +102,7 @@ def test_table_lists_methods_in_the_documented_order():
 
 
 def test_paired_differences_pair_seeds_and_labelled_counts(tmp_path):
-    from scripts.compare import paired_differences, run_name, write_paired
+    from scripts.experiments.compare import paired_differences, run_name, write_paired
 
     def result(method, seed, dice, hd):
         return {

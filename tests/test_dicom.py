@@ -9,7 +9,7 @@ from pydicom.pixels import convert_color_space
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from scripts.data.dicom import export_frames, read_ultrasound_dicom
-from scripts.inference import list_images, source_frames
+from scripts.deployment.inference import list_images, source_frames
 
 # name -> (frames, rows, columns, pixel size in mm or None)
 FILES = {

@@ -14,11 +14,11 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import UID
 from skimage.draw import ellipse
 
-from scripts.biometry import fit_ellipse
+from scripts.clinical.dicom_objects import derived_uid, phantom_ultrasound_dicom, write_results
 from scripts.data.dicom import read_ultrasound_dicom
 from scripts.data.hc18 import TRAINING_CSV_NAME, load_hc18_mask
 from scripts.data.phantom import generate_phantom
-from scripts.dicom_objects import derived_uid, phantom_ultrasound_dicom, write_results
+from scripts.evaluation.biometry import fit_ellipse
 
 METADATA = json.loads((Path(__file__).resolve().parents[1] / "configs" / "metadata.json").read_text())
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
@@ -221,7 +221,7 @@ def test_cine_gets_one_seg_per_selected_frame_and_pixel_frames_stay_out_of_the_s
     source = pydicom.dcmread(path)
     shape = (source.Rows, source.Columns)
     masks = {3: filled_ellipse(shape, (100, 140), (60, 80), 0.2), 17: filled_ellipse(shape, (130, 170), (40, 90), 1.0)}
-    with caplog.at_level(logging.WARNING, logger="scripts.dicom_objects"):
+    with caplog.at_level(logging.WARNING, logger="scripts.clinical.dicom_objects"):
         paths = write_results(path, masks, {3: mm_row(), 17: {**mm_row(), "unit": "px"}}, tmp_path, structure="abdomen")
     assert "frame 17" in caplog.text and "'px'" in caplog.text
     found = by_modality(paths)

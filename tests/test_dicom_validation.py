@@ -15,7 +15,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from skimage.draw import ellipse
 
-from scripts.dicom_objects import phantom_ultrasound_dicom, write_results
+from scripts.clinical.dicom_objects import phantom_ultrasound_dicom, write_results
 
 DCIODVFY = shutil.which("dciodvfy")
 pytestmark = [

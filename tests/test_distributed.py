@@ -79,7 +79,7 @@ def test_only_logging_handlers_are_disabled_on_other_ranks():
     ]
     assert sorted(flagged) == sorted(
         [
-            "scripts.trainer.TrainingProgressBar",
+            "scripts.method.trainer.TrainingProgressBar",
             "StatsHandler",
             "TensorBoardStatsHandler",
             "StatsHandler",

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts.inference import require_model
+from scripts.deployment.inference import require_model
+from scripts.deployment.onnx_network import ONNX_EXPORT_COMMAND, OnnxRuntimeNetwork, onnx_session
 from scripts.networks import UNeXt
-from scripts.onnx_network import ONNX_EXPORT_COMMAND, OnnxRuntimeNetwork, onnx_session
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -128,12 +128,12 @@ def test_an_onnx_model_older_than_the_checkpoint_is_flagged(tmp_path, caplog):
     ckpt.write_bytes(b"weights")
     exported.write_bytes(b"graph")
     os.utime(exported, (1_000_000, 1_000_000))  # exported long before the checkpoint was written
-    with caplog.at_level("WARNING", logger="scripts.inference"):
+    with caplog.at_level("WARNING", logger="scripts.deployment.inference"):
         assert require_model("onnxruntime", str(ckpt), str(exported)) == str(exported)
     assert f"{exported} is older than {ckpt}: export it again" in caplog.text
     caplog.clear()
     os.utime(exported)  # re-exported now: no warning
-    with caplog.at_level("WARNING", logger="scripts.inference"):
+    with caplog.at_level("WARNING", logger="scripts.deployment.inference"):
         require_model("onnxruntime", str(ckpt), str(exported))
     assert "older than" not in caplog.text
 

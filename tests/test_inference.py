@@ -14,8 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts.biometry import ellipse_circumference, fit_ellipse
-from scripts.inference import (
+from scripts.deployment.inference import (
     FAILED,
     MeasurementWriter,
     collate_frames,
@@ -25,6 +24,7 @@ from scripts.inference import (
     overlay_rgb,
     source_frames,
 )
+from scripts.evaluation.biometry import ellipse_circumference, fit_ellipse
 from scripts.networks import UNeXt
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ from ignite.engine import Engine, Events
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
-from scripts.best_model import BestModelPublisher
-from scripts.settings import check_training_settings, find_resume_checkpoint
-from scripts.transforms import AsChannelsd, CheckLabelRanged, CheckMinSized
+from scripts.data.transforms import AsChannelsd, CheckLabelRanged, CheckMinSized
+from scripts.method.best_model import BestModelPublisher
+from scripts.method.settings import check_training_settings, find_resume_checkpoint
 
 GOOD = dict(
     spatial_size=[224, 224],
@@ -73,7 +73,7 @@ def test_argmaxd_matches_monai_and_torch_argmax_including_ties():
     from monai.data import MetaTensor
     from monai.transforms import AsDiscreted
 
-    from scripts.transforms import ArgMaxd, channel_argmax
+    from scripts.data.transforms import ArgMaxd, channel_argmax
 
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(3, 17, 11, generator=g), 0)

@@ -181,7 +181,7 @@ def test_mixed_items_batch_together(tmp_path):
 
     from monai.data import list_data_collate
 
-    from scripts.settings import load_datalist
+    from scripts.method.settings import load_datalist
 
     path = tmp_path / "datalist.json"
     path.write_text(
@@ -201,7 +201,7 @@ def test_mixed_items_batch_together(tmp_path):
 
 
 def test_too_many_classes_for_the_config(tmp_path):
-    from scripts.settings import load_datalist
+    from scripts.method.settings import load_datalist
 
     data = tmp_path / "d"
     make_png_layout(data, "images", "labels", n_labelled=4, classes=3)
@@ -335,7 +335,7 @@ def test_dicom_folder_layout_prepare_train_evaluate(tmp_path):
 
     from pydicom.data import get_testdata_file
 
-    from scripts.dicom_objects import phantom_ultrasound_dicom
+    from scripts.clinical.dicom_objects import phantom_ultrasound_dicom
 
     data, rng = tmp_path / "pacs_export", np.random.default_rng(3)
     (data / "labels").mkdir(parents=True)
@@ -387,7 +387,7 @@ def test_hc18_test_set_becomes_the_predict_list(tmp_path):
 
 def test_dicom_layout_sees_new_masks(tmp_path):
     """The datalist is reused only while the DICOM files AND their masks are unchanged: a mask added later counts."""
-    from scripts.dicom_objects import phantom_ultrasound_dicom
+    from scripts.clinical.dicom_objects import phantom_ultrasound_dicom
 
     data, rng = tmp_path / "export", np.random.default_rng(5)
     (data / "labels").mkdir(parents=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.losses import (
+from scripts.method.losses import (
     CrossPseudoSupervisionLoss,
     InformationDivergenceLoss,
     InterpolationConsistencyLoss,

@@ -11,8 +11,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from scripts.handlers import MetricsWriter, write_atomic
-from scripts.metrics import (
+from scripts.evaluation.metrics import (
     FetalASD,
     FetalDice,
     FetalHD95,
@@ -20,6 +19,7 @@ from scripts.metrics import (
     pixel_sizes_from_batch,
     segmentation_metrics,
 )
+from scripts.method.handlers import MetricsWriter, write_atomic
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -325,7 +325,7 @@ def test_write_atomic_keeps_old_file_when_writing_fails(tmp_path):
 
 
 def test_metrics_writer_reports_circumference_error_in_mm(tmp_path):
-    from scripts.biometry import ellipse_circumference
+    from scripts.evaluation.biometry import ellipse_circumference
 
     def ellipse(shape, cx, cy, a, b):
         x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
@@ -377,7 +377,7 @@ MEDPY_CASES = [
 def test_medpy_definitions_equal_medpy_and_brute_force(pred, label):
     from medpy.metric.binary import asd, hd95
 
-    from scripts.metrics import medpy_asd, medpy_hd95
+    from scripts.evaluation.metrics import medpy_asd, medpy_hd95
 
     assert medpy_hd95(pred, label) == pytest.approx(hd95(pred, label), abs=1e-9)
     assert medpy_asd(pred, label) == pytest.approx(asd(pred, label), abs=1e-9)
@@ -387,7 +387,7 @@ def test_medpy_definitions_equal_medpy_and_brute_force(pred, label):
 
 
 def test_medpy_definitions_on_known_distances():
-    from scripts.metrics import medpy_asd, medpy_hd95
+    from scripts.evaluation.metrics import medpy_asd, medpy_hd95
 
     # two parallel bars 5 pixels apart along x: every boundary pixel of one is 5 or more from the other's
     a, b = square(5, 10, 4, 28), square(15, 20, 4, 28)
@@ -402,7 +402,7 @@ def test_medpy_definitions_on_known_distances():
 
 
 def test_paper_grid_metrics_resize_to_the_grid_and_score_failures():
-    from scripts.metrics import medpy_hd95, paper_grid_metrics, worst_distance
+    from scripts.evaluation.metrics import medpy_hd95, paper_grid_metrics, worst_distance
 
     pred, label = disc(20, 16, 9), disc(22, 15, 7)
     same_grid = paper_grid_metrics(pred, label, (X, Y))
@@ -417,7 +417,7 @@ def test_paper_grid_metrics_resize_to_the_grid_and_score_failures():
 
 def test_the_two_hd95_definitions_differ_on_a_false_blob():
     """MONAI's HD95 (larger directed 95th percentile) against MedPy's (pooled): a small far blob moves one a lot."""
-    from scripts.metrics import medpy_hd95
+    from scripts.evaluation.metrics import medpy_hd95
 
     label = disc(25, 20, 8, shape=(64, 64))
     pred = label | square(0, 2, 60, 62, shape=(64, 64))

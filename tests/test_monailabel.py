@@ -1,8 +1,8 @@
 """MONAI Label 0.8.5 serves the bundle: its BundleInferTask gives the bundle's own mask for a 2D PNG, and its
 BundleTrainTask trains on datastore labels plus the bundle's unlabelled pool.
 
-MONAI Label runs in its own cached venv (scripts/monailabel_venv.py; the first build takes minutes), driven through
-scripts/monailabel_app.py exactly as the ``monaibundle`` sample app builds the tasks.
+MONAI Label runs in its own cached venv (scripts/tools/monailabel_venv.py; the first build takes minutes), driven
+through scripts/deployment/monailabel_app.py exactly as the ``monaibundle`` sample app builds the tasks.
 """
 
 import json
@@ -17,8 +17,9 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 from scripts.data import prepare_dataset
-from scripts.monailabel_app import EXPORT_MARKER, export
-from scripts.monailabel_venv import (
+from scripts.deployment.monailabel_app import EXPORT_MARKER, export
+from scripts.networks import UNeXt
+from scripts.tools.monailabel_venv import (
     REQUIREMENTS,
     TORCH_INDEX,
     build_venv,
@@ -27,10 +28,9 @@ from scripts.monailabel_venv import (
     torch_install_steps,
     venv_path,
 )
-from scripts.networks import UNeXt
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "scripts" / "monailabel_app.py"
+APP = ROOT / "scripts" / "deployment" / "monailabel_app.py"
 PHANTOM = {"phantom_subjects": 14, "phantom_image_size": [320, 224], "labeled_fraction": 0.3}
 
 

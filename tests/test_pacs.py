@@ -2,8 +2,8 @@
 
 The module starts its own Orthanc with a throw-away storage folder, HTTP basic auth and the DICOMweb plugin on a
 free port (no DICOM port), uploads pydicom's five real ultrasound files, a phantom fetal head and two broken
-instances into one study with STOW-RS, runs ``scripts.pacs`` twice (in process, then as the CLI) and reads the SEG
-and SR back from Orthanc. The model is a UNeXt trained here for 100 iterations with the bundle's own config: the
+instances into one study with STOW-RS, runs ``scripts.clinical.pacs`` twice (in process, then as the CLI) and reads the
+SEG and SR back from Orthanc. The model is a UNeXt trained here for 100 iterations with the bundle's own config: the
 repository's ``models/model.pt`` is not in git, and an untrained one segments nothing, so the SR would be empty.
 """
 
@@ -27,9 +27,9 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
-from scripts import pacs
+from scripts.clinical import pacs
+from scripts.clinical.dicom_objects import phantom_ultrasound_dicom
 from scripts.data.hc18 import TRAINING_CSV_NAME, read_hc18_csv
-from scripts.dicom_objects import phantom_ultrasound_dicom
 
 ROOT = Path(__file__).resolve().parents[1]
 ORTHANC = Path("/usr/sbin/Orthanc")
@@ -356,7 +356,7 @@ def test_second_run_from_the_cli_stores_nothing_new(orthanc, first_run, study, b
         [
             sys.executable,
             "-m",
-            "scripts.pacs",
+            "scripts.clinical.pacs",
             "run",
             "--url",
             orthanc["dicomweb"],

@@ -1,4 +1,4 @@
-"""scripts.pacs against servers that misbehave, and its handling of flagged measurements, without a real PACS.
+"""scripts.clinical.pacs against servers that misbehave, and its handling of flagged measurements, without a real PACS.
 
 Each misbehaving server is a small ``http.server`` on 127.0.0.1 in a thread, started by the test: a QIDO answer
 without StudyInstanceUID, a body that is not JSON, a server that never answers, one that answers 503 every time.
@@ -21,8 +21,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from scripts import pacs
-from scripts.dicom_objects import phantom_ultrasound_dicom
+from scripts.clinical import pacs
+from scripts.clinical.dicom_objects import phantom_ultrasound_dicom
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -82,7 +82,8 @@ def malformed_series(handler):
 
 @pytest.fixture
 def bundle_root(tmp_path):
-    """A bundle root whose models/model.pt exists (scripts.pacs hashes it for the model id before any request)."""
+    """A bundle root whose models/model.pt exists (scripts.clinical.pacs hashes it for the model id before any
+    request)."""
     (tmp_path / "bundle" / "models").mkdir(parents=True)
     (tmp_path / "bundle" / "models" / "model.pt").write_bytes(b"a stand-in model file")
     return tmp_path / "bundle"
@@ -152,7 +153,7 @@ def test_misbehaving_server_from_the_command_line(bundle_root, tmp_path):
             [
                 sys.executable,
                 "-m",
-                "scripts.pacs",
+                "scripts.clinical.pacs",
                 "run",
                 "--url",
                 url,
@@ -182,7 +183,9 @@ def test_misbehaving_server_from_the_command_line(bundle_root, tmp_path):
 
 @pytest.mark.slow
 def test_bare_command_prints_help_not_a_traceback():
-    done = subprocess.run([sys.executable, "-m", "scripts.pacs"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.clinical.pacs"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     output = done.stdout + done.stderr
     assert "Traceback" not in output and "KeyError" not in output, output
     assert "usage" in output.lower() and "run" in output, output
@@ -210,7 +213,7 @@ def flag_codes(sr):
 
 
 class InMemoryPacs:
-    """The DICOMweb calls scripts.pacs makes, over a dict of datasets (QIDO as DICOM JSON, WADO, STOW)."""
+    """The DICOMweb calls scripts.clinical.pacs makes, over a dict of datasets (QIDO as DICOM JSON, WADO, STOW)."""
 
     def __init__(self, datasets):
         self.base_url = "http://pacs.invalid/dicom-web"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from scripts.data import generate_phantom, prepare_dataset
+from scripts.method.pretrain import ENCODER_PREFIXES, SimMIM, pretrain, random_patch_mask
 from scripts.networks import SwinUnet, load_swin_pretrained
-from scripts.pretrain import ENCODER_PREFIXES, SimMIM, pretrain, random_patch_mask
 
 
 def test_random_patch_mask_hides_the_asked_share_of_each_image():

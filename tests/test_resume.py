@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.checkpoints import ResumeCheckpointSaver, checkpoint_damage
-from scripts.settings import find_resume_checkpoint
+from scripts.method.settings import find_resume_checkpoint
+from scripts.utils.checkpoints import ResumeCheckpointSaver, checkpoint_damage
 
 ROOT = Path(__file__).resolve().parents[1]
 # 4 iterations, a checkpoint after each; the published model is the one of the last iteration (best model chosen

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser
 
-from scripts.terms import CrossPseudoSupervisionTerm
-from scripts.trainer import DualNetworkTrainer
+from scripts.method.terms import CrossPseudoSupervisionTerm
+from scripts.method.trainer import DualNetworkTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,15 +9,15 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch.utils.data import DataLoader
 
-from scripts.losses import SupervisedLoss, ema_alpha
-from scripts.terms import (
+from scripts.method.losses import SupervisedLoss, ema_alpha
+from scripts.method.terms import (
     CrossPseudoSupervisionTerm,
     EmaTeacher,
     InformationDivergenceTerm,
     InterpolationConsistencyTerm,
     MeanTeacherTerm,
 )
-from scripts.trainer import DualNetworkTrainer, SemiSupervisedLoader, loss_terms
+from scripts.method.trainer import DualNetworkTrainer, SemiSupervisedLoader, loss_terms
 
 
 class CountingNet(torch.nn.Module):
@@ -370,7 +370,7 @@ def random_transform_loaders(num_workers: int) -> SemiSupervisedLoader:
 def test_loader_state_resumes_the_same_batches(num_workers):
     """A loader rebuilt from scratch and given the state_dict continues with exactly the batches, shuffles and random
     transform draws of the uninterrupted one, across wraps, while the training draws from the global generators."""
-    from scripts.checkpoints import RandomGeneratorState
+    from scripts.utils.checkpoints import RandomGeneratorState
 
     def draw(stream, n):
         out = []
@@ -403,7 +403,7 @@ def test_random_generator_state_round_trips_through_a_weights_only_checkpoint(tm
 
     import numpy as np
 
-    from scripts.checkpoints import RandomGeneratorState
+    from scripts.utils.checkpoints import RandomGeneratorState
 
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     torch.save({"rng": RandomGeneratorState().state_dict()}, tmp_path / "c.pt")
@@ -416,9 +416,9 @@ def test_random_generator_state_round_trips_through_a_weights_only_checkpoint(tm
 def test_same_batch_supervised_forward_sees_the_unlabelled_rows_but_scores_only_the_labelled():
     """forward_unlabeled: the UNeXt's forward (and its batch-norm statistics) take labelled + unlabelled rows; the
     loss is the supervised loss of the labelled rows alone."""
-    from scripts.losses import SupervisedLoss
+    from scripts.method.losses import SupervisedLoss
+    from scripts.method.trainer import DualNetworkTrainer
     from scripts.networks import UNeXt
-    from scripts.trainer import DualNetworkTrainer
 
     torch.manual_seed(0)
     network = UNeXt(in_channels=1, out_channels=2)

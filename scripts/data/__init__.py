@@ -1,4 +1,5 @@
-"""Data side of the bundle: data-set readers, the synthetic HC18 phantom, and the subject-grouped datalist."""
+"""Layer 2, data: data-set readers, the synthetic HC18 phantom, the subject-grouped datalist and the bundle's own
+MONAI transforms (``transforms``). It may import ``scripts.utils``, ``scripts.networks`` and ``scripts.evaluation``."""
 
 from .datalist import prepare_dataset, split_subjects
 from .hc18 import ellipse_circumference, fill_outline, list_hc18, load_hc18_mask, read_hc18_csv

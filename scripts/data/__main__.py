@@ -99,7 +99,7 @@ def montage(dataset_dir: str, output_png: str, count: int = 8) -> str:
 
 
 if __name__ == "__main__":
-    from scripts.cli import main
+    from scripts.utils.cli import main
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     main({"prepare": prepare, "phantom": phantom, "montage": montage}, __doc__, prog="python -m scripts.data")

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..files import write_atomic, write_json_atomic
+from scripts.utils.files import write_atomic, write_json_atomic
 
 __all__ = [
     "IMAGES_DIR",

@@ -25,7 +25,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from ..files import IMAGE_SUFFIXES, write_atomic, write_json_atomic
+from scripts.utils.files import IMAGE_SUFFIXES, write_atomic, write_json_atomic
+
 from .acouslic import CSV_PATH as ACOUSLIC_CSV
 from .acouslic import IMAGES_DIR as ACOUSLIC_IMAGES
 from .acouslic import MASKS_DIR as ACOUSLIC_MASKS

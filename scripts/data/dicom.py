@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..files import write_atomic, write_json_atomic
+from scripts.utils.files import write_atomic, write_json_atomic
 
 __all__ = [
     "PIXEL_SIZE_RANGE_MM",

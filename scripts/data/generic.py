@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..files import IMAGE_SUFFIXES, image_stem
-from ..metrics import pixel_size_pair, user_pixel_size
+from scripts.evaluation.metrics import pixel_size_pair, user_pixel_size
+from scripts.utils.files import IMAGE_SUFFIXES, image_stem
 
 __all__ = ["LAYOUTS", "check_label", "detect_folder_layout", "list_folder_layout", "read_header", "read_label"]
 

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from scripts.biometry import ellipse_circumference
+from scripts.evaluation.biometry import ellipse_circumference
 
 __all__ = [
     "TRAINING_DIR_NAME",

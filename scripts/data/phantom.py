@@ -33,7 +33,8 @@ from PIL import Image
 from scipy import ndimage, special
 from tqdm import tqdm
 
-from ..files import write_atomic, write_json_atomic
+from scripts.utils.files import write_atomic, write_json_atomic
+
 from .hc18 import TRAINING_CSV_HEADER, TRAINING_CSV_NAME, TRAINING_DIR_NAME, ellipse_circumference
 
 __all__ = [

@@ -1,7 +1,7 @@
 """PACS round trip over DICOMweb: find ultrasound studies, run the bundle's inference, store DICOM SEG + SR back.
 
-``python -m scripts.pacs run --url https://pacs.example.org/dicom-web --study_uid 1.2.3`` (or ``--date_from 20260101
---date_to 20261231``) does, per study:
+``python -m scripts.clinical.pacs run --url https://pacs.example.org/dicom-web --study_uid 1.2.3`` (or ``--date_from
+20260101 --date_to 20261231``) does, per study:
 
 1. QIDO-RS: the study (by StudyInstanceUID, or by StudyDate range with ModalitiesInStudy), its series of
    ``--modality`` (US) and their instances;
@@ -9,10 +9,10 @@
    decoded into frames by :mod:`scripts.data.dicom` (``--frames "[0,3]"`` keeps only those frames of a cine);
 3. the bundle's ``configs/inference.json`` in this process, output in ``<work_dir>/<study>/output`` (masks,
    overlays, ``measurements.json``);
-4. :func:`scripts.dicom_objects.write_results`: per source instance a DICOM SEG (one per selected cine frame) and,
-   where a frame's ellipse is measured in mm, a TID 1500 SR, in ``<work_dir>/<study>/derived``; their UIDs are
+4. :func:`scripts.clinical.dicom_objects.write_results`: per source instance a DICOM SEG (one per selected cine frame)
+   and, where a frame's ellipse is measured in mm, a TID 1500 SR, in ``<work_dir>/<study>/derived``; their UIDs are
    derived from the source SOP Instance UID and the model's hash, so a re-run makes the same UIDs. A measurement
-   with quality flags (:data:`scripts.biometry.FLAGS`: implausible circumference, mask at the border, several
+   with quality flags (:data:`scripts.evaluation.biometry.FLAGS`: implausible circumference, mask at the border, several
    components, poor ellipse fit) is not stored as a result: its SEG is, its SR measurement group is withheld and
    listed in the summary; ``--store_flagged True`` stores it, marked by its flags in the SR;
 5. STOW-RS of each derived object unless QIDO already finds its SOP Instance UID ("already stored").
@@ -47,8 +47,8 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from scripts.biometry import parse_flags
-from scripts.files import image_stem, write_atomic, write_json_atomic
+from scripts.evaluation.biometry import parse_flags
+from scripts.utils.files import image_stem, write_atomic, write_json_atomic
 
 __all__ = [
     "ENV_USER",
@@ -422,7 +422,7 @@ def _infer_all(
     One run over every frame of the study; should it fail (a frame the network cannot take: too small, unreadable),
     each source runs on its own so that only the failing one is reported. Failed sources are emptied.
     """
-    from scripts.inference import MeasurementWriter
+    from scripts.deployment.inference import MeasurementWriter
 
     input_dir, output_dir = study_dir / "input", study_dir / "output"
     every = [item for items in sources.values() for item in items]
@@ -537,8 +537,8 @@ def _round_trip_study(
 ) -> None:
     import pydicom
 
+    from scripts.clinical.dicom_objects import write_results
     from scripts.data.dicom import export_frames
-    from scripts.dicom_objects import write_results
 
     study_dir = work_dir / study
     input_dir, output_dir, derived_dir = study_dir / "input", study_dir / "output", study_dir / "derived"
@@ -637,8 +637,8 @@ def run(
     "failed": [...]}`` (entries name study, source SOP instance, and the derived object, the withheld frame and its
     quality flags, or the failed stage and its reason).
 
-    A measurement with quality flags (:data:`scripts.biometry.FLAGS`) is not stored as a result: its frame's SEG is
-    stored, its SR measurement group is withheld and listed under ``withheld``. ``store_flagged=True`` stores it,
+    A measurement with quality flags (:data:`scripts.evaluation.biometry.FLAGS`) is not stored as a result: its frame's
+    SEG is stored, its SR measurement group is withheld and listed under ``withheld``. ``store_flagged=True`` stores it,
     marked in the SR by its flags. ``timeout`` (seconds per request) and ``retries`` (attempts per request on 429,
     408, 503, 504) bound how long a server that misbehaves can hold the run.
     """
@@ -668,9 +668,9 @@ def run(
 
 
 def main(argv: Iterable[str] | None = None) -> None:
-    """``python -m scripts.pacs run ...``: exit 1 when an instance failed, 2 when the run could not go on."""
-    from scripts.cli import USER_ERRORS
-    from scripts.cli import main as cli_main
+    """``python -m scripts.clinical.pacs run ...``: exit 1 when an instance failed, 2 when the run could not go on."""
+    from scripts.utils.cli import USER_ERRORS
+    from scripts.utils.cli import main as cli_main
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for chatty in ("dicomweb_client", "highdicom", "ignite.engine"):  # a line per request / copied module / epoch
@@ -678,7 +678,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     summary = cli_main(
         {"run": run},
         __doc__,
-        prog="python -m scripts.pacs",
+        prog="python -m scripts.clinical.pacs",
         argv=argv,
         errors=(PacsError, *USER_ERRORS),
         serialize=lambda _: None,

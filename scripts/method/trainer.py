@@ -1,8 +1,8 @@
 """The dual-network semi-supervised trainer (arXiv 2509.06495; docs/README.md#method) as a MONAI/Ignite engine.
 
 One trainer serves every method: the supervised loss is injected (``loss_function``, as in MONAI's
-SupervisedTrainer) and the unsupervised terms are components (:mod:`scripts.terms`) declared in the config with their
-weights. The full method is CPS + ICT + information divergence; its ablations set a weight to 0 (the term is then
+SupervisedTrainer) and the unsupervised terms are components (:mod:`scripts.method.terms`) declared in the config with
+their weights. The full method is CPS + ICT + information divergence; its ablations set a weight to 0 (the term is then
 never computed); cross teaching is CPS alone; supervised training has no network B or every weight at 0; the
 single-network baselines Mean Teacher and ICT run on the UNeXt with its own EMA teacher (``EmaTeacher(student="a")``).
 """
@@ -21,8 +21,8 @@ from torch.nn import DataParallel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from scripts.losses import sigmoid_rampup_weight
-from scripts.terms import EmaTeacher, Predictions, UnsupervisedTerm
+from scripts.method.losses import sigmoid_rampup_weight
+from scripts.method.terms import EmaTeacher, Predictions, UnsupervisedTerm
 
 __all__ = [
     "SemiSupervisedLoader",
@@ -106,7 +106,7 @@ class SemiSupervisedLoader:
 
     def _start_pass(self, name: str, loader: DataLoader) -> Iterator:
         """A new pass over ``loader``, or on resume the interrupted pass with its drawn batches skipped."""
-        from scripts.checkpoints import RandomGeneratorState, set_transform_random_states, transform_random_states
+        from scripts.utils.checkpoints import RandomGeneratorState, set_transform_random_states, transform_random_states
 
         progress, resume = self.progress[name], self._resume.pop(name, None)
         if resume is None or resume["start"] is None:
@@ -200,8 +200,8 @@ class DualNetworkTrainer(Trainer):
     Each network runs once per iteration (:meth:`forward`): A and B on x, the teacher's student also on the rows its
     terms add (the ICT mix) in the same call, the teacher (eval mode, no grad) on the rows its terms ask for (x_u for
     ICT, x_u + noise for Mean Teacher). One backward of the summed loss, both optimisers step, then the EMA teacher
-    follows its student (:class:`scripts.terms.EmaTeacher`). A term whose weight is 0 is never computed; while any
-    term (or ``forward_unlabeled``) uses them, x_u join the students' forward in every iteration.
+    follows its student (:class:`scripts.method.terms.EmaTeacher`). A term whose weight is 0 is never computed; while
+    any term (or ``forward_unlabeled``) uses them, x_u join the students' forward in every iteration.
 
     Distributed: the students may be DistributedDataParallel modules (``configs/multi_gpu_train.json``); the
     teacher is a copy of the wrapped module, updated from the synchronised student weights (parameters by DDP's
@@ -214,7 +214,7 @@ class DualNetworkTrainer(Trainer):
         network_a, optimizer_a: the deployed CNN and its optimiser.
         network_b, optimizer_b: the second network and its optimiser; ``None`` trains A alone.
         loss_function: the supervised loss of logits (B, C, ...) and index labels (B, 1, ...).
-        terms: the unsupervised terms (:mod:`scripts.terms`), added in this order. CPS and information divergence
+        terms: the unsupervised terms (:mod:`scripts.method.terms`), added in this order. CPS and information divergence
             need network B; ICT and Mean Teacher need the EMA teacher's student.
         ema_teacher: which student the EMA teacher follows and its alpha cap; made only when a term with a weight
             above 0 needs it (default ``EmaTeacher()``: of network B, alpha at most 0.99).

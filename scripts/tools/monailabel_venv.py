@@ -1,6 +1,6 @@
 """Build (once) and find the virtual environment that runs MONAI Label 0.8.5 beside this bundle.
 
-    python -m scripts.monailabel_venv          # prints the venv's python, building the venv first if it is missing
+    python -m scripts.tools.monailabel_venv  # prints the venv's python, building the venv first if it is missing
 
 MONAI Label cannot share the bundle's environment: ``pip install monailabel==0.8.5`` pulls numpy 1.26 (through
 pydicom-seg) and, left alone, whatever torch build PyPI serves. Its venv is made from ``requirements-monailabel.txt``
@@ -47,14 +47,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENTS = BUNDLE_ROOT / "requirements-monailabel.txt"
 VENV_PREFIX = "monailabel-0.8.5"
 BUILD_STEP_TIMEOUT_S = 3600
 TORCH_INDEX = "https://download.pytorch.org/whl/{build}"  # PyTorch's wheel index of one build: cpu, cu128, ...
 
 HOOK_MODULE = "fetal_us_torchvision_ops"
-HOOK_SOURCE = '''"""Declare torchvision::nms/qnms before torchvision loads (written by scripts/monailabel_venv.py).
+HOOK_SOURCE = '''"""Declare torchvision::nms/qnms before torchvision loads.
+
+Written by scripts/tools/monailabel_venv.py.
 
 A CUDA torchvision wheel beside a CPU torch cannot load its C++ ops, and its import then fails where it registers fake
 kernels for these two operators; declaring their schemas lets the import (and torchvision.utils) work.
@@ -269,6 +271,6 @@ def main(requirements: str = str(REQUIREMENTS), cache_dir: str | None = None) ->
 
 if __name__ == "__main__":
     sys.path.insert(0, str(BUNDLE_ROOT))  # run as a file too
-    from scripts.cli import main as cli_main
+    from scripts.utils.cli import main as cli_main
 
-    cli_main(main, __doc__, prog="python -m scripts.monailabel_venv")
+    cli_main(main, __doc__, prog="python -m scripts.tools.monailabel_venv")

@@ -121,7 +121,7 @@ def find_resume_checkpoint(checkpoint_dir: str) -> str:
     A damaged file (cut short by a kill, corrupted) is skipped with a warning naming it, and the one before it is
     taken; a clear error when none is left to resume from.
     """
-    from scripts.checkpoints import checkpoint_damage, checkpoint_epoch
+    from scripts.utils.checkpoints import checkpoint_damage, checkpoint_epoch
 
     found = sorted(
         Path(checkpoint_dir).glob("resume_*.pt"),

@@ -2,8 +2,8 @@
 
 A resumed run equals the uninterrupted one when the checkpoint holds, besides the networks, optimisers and engine
 state, every source of randomness the next iterations draw from: the global generators (:class:`RandomGeneratorState`)
-and the data order (``scripts.trainer.SemiSupervisedLoader.state_dict``, which uses :func:`transform_random_states`
-for the random transforms of its datasets).
+and the data order (``scripts.method.trainer.SemiSupervisedLoader.state_dict``, which uses
+:func:`transform_random_states` for the random transforms of its datasets).
 """
 
 from __future__ import annotations

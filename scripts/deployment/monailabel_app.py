@@ -1,10 +1,12 @@
-"""This bundle in MONAI Label 0.8.5: make the copy a MONAI Label app serves, and run its infer and train tasks.
+r"""This bundle in MONAI Label 0.8.5: make the copy a MONAI Label app serves, and run its infer and train tasks.
 
-    python scripts/monailabel_app.py export --output APP/model/fetal_us_unext [--train_overrides "{...}"]
-    VENV/bin/python scripts/monailabel_app.py infer --bundle APP/model/fetal_us_unext --image scan.png --output mask.png
-    VENV/bin/python scripts/monailabel_app.py train --bundle APP/model/fetal_us_unext --studies STUDIES --max_epochs 2
+    python scripts/deployment/monailabel_app.py export --output APP/model/fetal_us_unext [--train_overrides "{...}"]
+    VENV/bin/python scripts/deployment/monailabel_app.py infer --bundle APP/model/fetal_us_unext --image scan.png \
+        --output mask.png
+    VENV/bin/python scripts/deployment/monailabel_app.py train --bundle APP/model/fetal_us_unext --studies STUDIES \
+        --max_epochs 2
 
-``VENV`` is MONAI Label's own environment (``python -m scripts.monailabel_venv`` builds it and prints its python).
+``VENV`` is MONAI Label's own environment (``python -m scripts.tools.monailabel_venv`` builds it and prints its python).
 ``export`` runs in either environment; ``infer`` and ``train`` build exactly the tasks MONAI Label's ``monaibundle``
 sample app builds for a bundle (``BundleInferTask``, ``BundleTrainTask`` with default arguments), so what passes
 here is what the server runs. Each prints one line ``result: {json}`` at the end.
@@ -28,14 +30,17 @@ import shutil
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # run as a file: keep the bundle's own modules (data, networks, ...) off the top level
+if __name__ == "__main__":  # run as a file: keep the deployment modules (inference, ...) off the top level
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 logger = logging.getLogger("monailabel_app")
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 EXPORT_MARKER = ".monailabel_export.json"
 STUDY_EXTENSIONS = ("*.png", "*.jpg", "*.nii.gz", "*.nii", "*.nrrd")
+#: the packages of ``scripts`` that inference and training use: every layer up to this one (clinical, experiments
+#: and tools stay out of the copy)
+EXPORTED_PACKAGES = ("utils", "networks", "evaluation", "data", "method", "deployment")
 
 
 def _result(summary: dict) -> dict:
@@ -48,9 +53,10 @@ def export(
 ) -> dict:
     """Write the MONAI Label copy of the bundle at ``bundle_root`` into ``output`` (a folder under ``<app>/model/``).
 
-    Configs and ``scripts/`` are rewritten on every export; ``models/model.pt`` is copied from ``model`` when given,
-    else from the bundle's ``models/model.pt`` only when ``output`` has none yet (a model MONAI Label trained there is
-    kept). ``train_overrides``: config ids -> values merged into the copy's ``train.json``.
+    Configs and ``scripts/`` (its ``__init__.py`` and :data:`EXPORTED_PACKAGES`) are rewritten on every export;
+    ``models/model.pt`` is copied from ``model`` when given, else from the bundle's ``models/model.pt`` only when
+    ``output`` has none yet (a model MONAI Label trained there is kept). ``train_overrides``: config ids -> values
+    merged into the copy's ``train.json``.
     """
     from monai.bundle import ConfigParser
     from monai.bundle.utils import merge_kv
@@ -75,7 +81,12 @@ def export(
         shutil.copy2(src / "configs" / name, out / "configs" / name)
     shutil.copy2(src / "LICENSE", out / "LICENSE")
     shutil.rmtree(out / "scripts", ignore_errors=True)
-    shutil.copytree(src / "scripts", out / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    (out / "scripts").mkdir()
+    shutil.copy2(src / "scripts" / "__init__.py", out / "scripts" / "__init__.py")
+    for package in EXPORTED_PACKAGES:
+        shutil.copytree(
+            src / "scripts" / package, out / "scripts" / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
 
     target = out / "models" / "model.pt"
     source = Path(model) if model is not None else src / "models" / "model.pt"
@@ -158,11 +169,12 @@ def train(
 
 
 def _bundle_cli():
-    """scripts/cli.py loaded by its path, as its own module: a ``scripts`` package imported here would stand in for
-    the exported copy's own ``scripts`` that MONAI Label's tasks import."""
+    """scripts/utils/cli.py loaded by its path, as its own module: a ``scripts`` package imported here would stand in
+    for the exported copy's own ``scripts`` that MONAI Label's tasks import."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fetal_us_cli", Path(__file__).resolve().with_name("cli.py"))
+    path = Path(__file__).resolve().parents[1] / "utils" / "cli.py"
+    spec = importlib.util.spec_from_file_location("fetal_us_cli", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -173,6 +185,6 @@ if __name__ == "__main__":
     _bundle_cli().main(
         {"export": export, "infer": infer, "train": train},
         __doc__,
-        prog="python scripts/monailabel_app.py",
+        prog="python scripts/deployment/monailabel_app.py",
         serialize=lambda _: None,
     )

@@ -18,13 +18,13 @@ Codes (checked against pydicom's code dictionary, DICOM PS3.16):
   lengths 2a and 2b (those concepts are whole axes, not semi-axes), SCT 42798000 "Area" the region's area; units UCUM
   ``mm`` and ``mm2``.
 
-Quality flags (:data:`scripts.biometry.FLAGS`) of a measurement are written into its TID 1410 measurement group as
-qualitative evaluations: one CODE item each, concept DCM 111052 "Quality Finding", value a code of the private
+Quality flags (:data:`scripts.evaluation.biometry.FLAGS`) of a measurement are written into its TID 1410 measurement
+group as qualitative evaluations: one CODE item each, concept DCM 111052 "Quality Finding", value a code of the private
 coding scheme ``99FETALUS`` (:data:`FLAG_CODES`; PS3.16 section 8 allows private schemes whose designator starts
 with "99"; it is declared in the SR's Coding Scheme Identification Sequence). A circumference outside the
 physiological range also carries the standard numeric value qualifier DCM 114009 "Value out of range" (CID 42),
 which a receiving system can read without knowing our scheme. Whether a flagged measurement is stored at all is the
-caller's decision (:mod:`scripts.pacs` leaves it out unless asked).
+caller's decision (:mod:`scripts.clinical.pacs` leaves it out unless asked).
 
 Multi-frame ultrasound (cine) SEG: highdicom 0.28.2 refuses a SEG over more than one frame of a source without a
 Frame of Reference ("Only a single frame is supported when the source image has no Frame of Reference UID"), and
@@ -66,8 +66,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from .biometry import parse_flags
-from .files import write_atomic
+from scripts.evaluation.biometry import parse_flags
+from scripts.utils.files import write_atomic
 
 __all__ = [
     "STRUCTURES",
@@ -81,7 +81,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METADATA_PATH = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
+METADATA_PATH = Path(__file__).resolve().parents[2] / "configs" / "metadata.json"
 UID_NAMESPACE = "fetal-ultrasound-bundle"  # hashed into every derived UID: other tools hashing the same UIDs differ
 
 # segmented property type of each structure the bundle segments

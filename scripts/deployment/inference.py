@@ -33,13 +33,19 @@ from monai.utils.enums import CommonKeys as Keys
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from scripts.biometry import HC18_SUBMISSION_COLUMNS, MEASUREMENT_COLUMNS, field_of_view, fit_ellipse, parse_flags
 from scripts.data.hc18 import TEST_CSV_NAME, TRAINING_CSV_NAME, read_hc18_csv
-from scripts.files import IMAGE_SUFFIXES, image_stem, write_atomic, write_json_atomic
-from scripts.metrics import pixel_size_pair, user_pixel_size
-from scripts.onnx_network import ONNX_EXPORT_COMMAND
-from scripts.settings import require_file
-from scripts.transforms import channel_argmax
+from scripts.data.transforms import channel_argmax
+from scripts.deployment.onnx_network import ONNX_EXPORT_COMMAND
+from scripts.evaluation.biometry import (
+    HC18_SUBMISSION_COLUMNS,
+    MEASUREMENT_COLUMNS,
+    field_of_view,
+    fit_ellipse,
+    parse_flags,
+)
+from scripts.evaluation.metrics import pixel_size_pair, user_pixel_size
+from scripts.method.settings import require_file
+from scripts.utils.files import IMAGE_SUFFIXES, image_stem, write_atomic, write_json_atomic
 
 __all__ = [
     "BACKENDS",
@@ -513,7 +519,8 @@ class MeasurementWriter:
     Writes ``measurements.csv`` and ``measurements.json`` to ``output_dir`` at the end of the run: one row per image
     with ``filename, unit, pixel_size_x_mm, pixel_size_y_mm, center_x, center_y, semi_axes_a, semi_axes_b, angle_rad,
     circumference, area, fit_residual, boundary_fraction_kept, flags`` (``unit`` is ``mm``, or ``px`` when the image
-    has no pixel size; empty when no ellipse fits; ``flags`` the quality flags of :data:`scripts.biometry.FLAGS`
+    has no pixel size; empty when no ellipse fits; ``flags`` the quality flags of
+    :data:`scripts.evaluation.biometry.FLAGS`
     joined by ``;``). ``circumference`` is the head circumference for fetal-head data (``structure`` "head"), the
     abdominal one for abdomens. With ``sector_key`` (the original image) a mask touching the ultrasound sector's
     border is flagged too. With ``hc18_submission`` it also writes ``hc18_submission.csv`` in the challenge's format

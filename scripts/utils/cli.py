@@ -315,8 +315,8 @@ def check_bundle_command_line(argv: Sequence[str] | None = None) -> bool:
     """Refuse a ``monai.bundle run`` override that names no config item, before any work; ``--help`` lists options.
 
     Reads ``argv`` (default ``sys.argv``) only when it is ``python -m monai.bundle run ...``; a workflow built in
-    code (MONAI Label, ``scripts.pacs``) passes its overrides itself and is not checked. The config is the merge of
-    ``--config_file`` (and ``--args_file``) as MONAI merges it, plus the tracking settings' keys with
+    code (MONAI Label, ``scripts.clinical.pacs``) passes its overrides itself and is not checked. The config is the
+    merge of ``--config_file`` (and ``--args_file``) as MONAI merges it, plus the tracking settings' keys with
     ``--tracking``. Prints one ``error:`` line and exits 2 on an unknown key; returns True otherwise.
     """
     argv = list(sys.argv if argv is None else argv)

@@ -15,7 +15,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.files import write_atomic
+from scripts.utils.files import write_atomic
 
 __all__ = ["BestModelPublisher", "atomic_torch_save"]
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
-from scripts.files import write_atomic
+from scripts.utils.files import write_atomic
 
 __all__ = ["MethodDiagnostics", "hidden_label_path"]
 

@@ -1,9 +1,9 @@
 """Speed and memory benchmarks that print figures (median of several runs after warm-up, same machine, side by side).
 
-    python -m scripts.benchmark iteration --sizes "[224, 448]" --runs 5 --amp "[False, True]" [--device cuda]
-    python -m scripts.benchmark iteration --sizes "[224]" --amp "[False]" --against d0bc723 --pairs 3
-    python -m scripts.benchmark latency --sizes "[224, 448]" --runs 20 --threads 2
-    python -m scripts.benchmark pipeline --n_images 100 --threads 2
+    python -m scripts.experiments.benchmark iteration --sizes "[224, 448]" --runs 5 --amp "[False,True]" [--device cuda]
+    python -m scripts.experiments.benchmark iteration --sizes "[224]" --amp "[False]" --against d0bc723 --pairs 3
+    python -m scripts.experiments.benchmark latency --sizes "[224, 448]" --runs 20 --threads 2
+    python -m scripts.experiments.benchmark pipeline --n_images 100 --threads 2
 
 ``iteration`` times one full training iteration of the method (both networks, teacher, every loss, backward, both
 optimiser steps, EMA update) on random tensors with ICT active, each setting in a fresh process so that its peak
@@ -34,13 +34,18 @@ import torch
 from torch.utils.data import DataLoader
 
 # the iteration benchmark's child process may import an older revision's scripts package in place of this one:
-# module-level imports are kept to what every revision has
+# module-level imports are kept to what every revision has, each tried at its path in the layers first, then directly
+# in scripts/ where a revision from before the layers (d0bc723) has it
 from scripts.networks import SwinUnet, UNeXt
-from scripts.trainer import DualNetworkTrainer, SemiSupervisedLoader
+
+try:
+    from scripts.method.trainer import DualNetworkTrainer, SemiSupervisedLoader
+except ImportError:
+    from scripts.trainer import DualNetworkTrainer, SemiSupervisedLoader
 
 __all__ = ["measure_iterations", "inference_times", "median_ms", "side_by_side"]
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sync(device: torch.device) -> None:
@@ -67,17 +72,19 @@ def _trainer(
     a, b = UNeXt().to(device), SwinUnet(img_size=size).to(device)
     sgd = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
     optimizers = torch.optim.SGD(a.parameters(), **sgd), torch.optim.SGD(b.parameters(), **sgd)
-    try:  # this checkout: loss terms as components (scripts/terms.py)
-        from scripts.losses import SupervisedLoss
-        from scripts.terms import CrossPseudoSupervisionTerm, InformationDivergenceTerm, InterpolationConsistencyTerm
+    try:  # loss terms as components (scripts/method/terms.py; scripts/terms.py before the layers)
+        try:
+            from scripts.method import losses, terms
+        except ImportError:
+            from scripts import losses, terms
     except ImportError:  # a revision from before them (--against): the trainer took the weights as arguments
         return DualNetworkTrainer(
             device, 1, loader, iterations, a, optimizers[0], b, optimizers[1], ict_warmup_iterations=0, amp=amp
         )
-    terms = [
-        CrossPseudoSupervisionTerm(1.0),
-        InformationDivergenceTerm(1.0),
-        InterpolationConsistencyTerm(1.0, warmup_iterations=0),
+    unsupervised = [
+        terms.CrossPseudoSupervisionTerm(1.0),
+        terms.InformationDivergenceTerm(1.0),
+        terms.InterpolationConsistencyTerm(1.0, warmup_iterations=0),
     ]
     return DualNetworkTrainer(
         device,
@@ -88,8 +95,8 @@ def _trainer(
         optimizers[0],
         b,
         optimizers[1],
-        loss_function=SupervisedLoss(),
-        terms=terms,
+        loss_function=losses.SupervisedLoss(),
+        terms=unsupervised,
         amp=amp,
     )
 
@@ -136,17 +143,21 @@ def iteration_child(keep_freed_memory: bool | None = None, threads: int | None =
     """One process's share of the iteration benchmark: :func:`measure_iterations` on the ``scripts`` package this
     process imports, with the peak memory, the code measured and how malloc was set.
 
-    ``keep_freed_memory``: None sets malloc as that code's training config does (``scripts.settings.
-    keep_freed_memory`` where the revision has it), True or False forces it on or off.
+    ``keep_freed_memory``: None sets malloc as that code's training config does (``scripts.method.settings.
+    keep_freed_memory``, ``scripts.settings`` before the layers), True or False forces it on or off.
     """
     import scripts
-    from scripts import settings
+
+    try:
+        from scripts.method import settings
+    except ImportError:  # a revision from before the layers
+        from scripts import settings
 
     if threads:
         torch.set_num_threads(threads)
     keep = getattr(settings, "keep_freed_memory", None)
     if keep_freed_memory and keep is None:
-        raise ValueError(f"{Path(scripts.__file__).parent} has no scripts.settings.keep_freed_memory to switch on")
+        raise ValueError(f"{Path(scripts.__file__).parent} has no settings.keep_freed_memory to switch on")
     malloc = bool(keep()) if keep is not None and keep_freed_memory is not False else False
     device = torch.device(kwargs.get("device", "cpu"))
     if device.type == "cuda":
@@ -286,7 +297,7 @@ def pipeline_report(
     from monai.data import MetaTensor
 
     from scripts.data.phantom import generate_phantom
-    from scripts.inference import MeasurementWriter, OverlayWriter, list_images
+    from scripts.deployment.inference import MeasurementWriter, OverlayWriter, list_images
 
     if input_dir is None:
         input_dir = str(generate_phantom(work / "phantom", num_subjects=n_images, progress=False))
@@ -396,7 +407,7 @@ def pipeline_report(
 
 
 class Benchmarks:
-    """``python -m scripts.benchmark iteration``, ``latency`` and ``pipeline``."""
+    """``python -m scripts.experiments.benchmark iteration``, ``latency`` and ``pipeline``."""
 
     def iteration(
         self,
@@ -480,7 +491,7 @@ class Benchmarks:
 
     def latency(self, sizes: Sequence[int] = (224, 448), runs: int = 20, threads: int = 2, swin: bool = True) -> None:
         """Median batch-1 UNeXt inference in eager PyTorch, TorchScript (traced, frozen) and ONNX Runtime on CPU."""
-        from scripts.onnx_network import export_onnx, onnx_session
+        from scripts.deployment.onnx_network import export_onnx, onnx_session
 
         torch.set_num_threads(threads)
         print(f"torch {torch.__version__}, {threads} threads, batch 1, median of {runs} after 3 warm-up", flush=True)
@@ -558,11 +569,11 @@ class Benchmarks:
 
 
 if __name__ == "__main__":
-    from scripts.cli import main
+    from scripts.utils.cli import main
 
     bench = Benchmarks()
     main(
         {"iteration": bench.iteration, "latency": bench.latency, "pipeline": bench.pipeline},
         __doc__,
-        prog="python -m scripts.benchmark",
+        prog="python -m scripts.experiments.benchmark",
     )

@@ -1,8 +1,8 @@
 """Method comparison runner: train and evaluate every method at several labelled fractions and seeds, then tabulate.
 
-    python -m scripts.compare run --output_dir runs/compare --methods "['supervised','full']" \
+    python -m scripts.experiments.compare run --output_dir runs/compare --methods "['supervised','full']" \
         --fractions "[0.05, 0.1]" --seeds "[0, 1, 2]" --overrides "{'total_iterations': 240}"
-    python -m scripts.compare table --output_dir runs/compare
+    python -m scripts.experiments.compare table --output_dir runs/compare
 
 Each (method, fraction, seed) trains with ``configs/train.json`` + ``configs/methods/<method>.json`` in its own
 folder, then ``evaluate.json`` scores its UNeXt on the test list of that fraction and seed. A run whose
@@ -29,13 +29,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from scripts.files import write_atomic, write_json_atomic
+from scripts.utils.files import write_atomic, write_json_atomic
 
 __all__ = ["run_all", "summarise", "mean_std", "write_table"]
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("dice", "hd95_mm", "asd_mm", "hd95_px", "asd_px", "hd95_medpy_grid_px", "asd_medpy_grid_px")
 FULLY_SUPERVISED = "fully_supervised"
 # every configs/methods/*.json, in the order the table lists them: baselines, then the method's ablations, then it
@@ -383,7 +383,7 @@ def write_paired(results: Sequence[dict], output_dir: str | Path, pairs: Sequenc
 
 
 class CompareCLI:
-    """``python -m scripts.compare run`` and ``table``."""
+    """``python -m scripts.experiments.compare run`` and ``table``."""
 
     def run(
         self,
@@ -436,7 +436,7 @@ class CompareCLI:
 
 
 if __name__ == "__main__":
-    from scripts.cli import main
+    from scripts.utils.cli import main
 
     cli = CompareCLI()
-    main({"run": cli.run, "table": cli.table}, __doc__, prog="python -m scripts.compare")
+    main({"run": cli.run, "table": cli.table}, __doc__, prog="python -m scripts.experiments.compare")

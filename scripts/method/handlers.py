@@ -18,9 +18,9 @@ from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 from monai.networks.utils import one_hot
 
-from scripts.biometry import fit_ellipse
-from scripts.files import write_atomic
-from scripts.metrics import paper_grid_metrics, pixel_size_pair, segmentation_metrics
+from scripts.evaluation.biometry import fit_ellipse
+from scripts.evaluation.metrics import paper_grid_metrics, pixel_size_pair, segmentation_metrics
+from scripts.utils.files import write_atomic
 
 __all__ = ["MetricsWriter", "TrainingCurves", "track_loss_terms", "write_atomic"]
 
@@ -86,7 +86,7 @@ class MetricsWriter:
 
     Attach to a MONAI ``SupervisedEvaluator`` (``validate#handlers`` or ``evaluator`` handlers in a bundle config).
     On every ``ITERATION_COMPLETED`` it scores each image of ``engine.state.output`` (decollated items, or a batch
-    dict) with :func:`scripts.metrics.segmentation_metrics`: ``pred`` is one-hot (``AsDiscreted(argmax=True,
+    dict) with :func:`scripts.evaluation.metrics.segmentation_metrics`: ``pred`` is one-hot (``AsDiscreted(argmax=True,
     to_onehot=C)``); ``label`` is one-hot or an index map; the pixel size is ``pixel_size_key`` of the batch item
     (or the output item), unknown when absent. On ``EPOCH_COMPLETED`` it writes, each file atomically:
 
@@ -99,10 +99,10 @@ class MetricsWriter:
     - ``metrics.png``: the per-image distributions, when ``plot`` is on.
 
     With ``measure_circumference`` (the default) each row also holds the circumference of the ellipse fitted to the
-    predicted foreground (:func:`scripts.biometry.fit_ellipse`; every non-background class together), the reference
-    circumference (the item's ``reference_circumference_key``, e.g. HC18's ``hc_mm`` from its CSV, else the ellipse
-    fitted to the label) and their absolute difference in mm: the HC18 challenge metric. The cells are empty where
-    the pixel size is unknown; an image whose prediction gives no ellipse counts in ``n_circumference_failures``.
+    predicted foreground (:func:`scripts.evaluation.biometry.fit_ellipse`; every non-background class together), the
+    reference circumference (the item's ``reference_circumference_key``, e.g. HC18's ``hc_mm`` from its CSV, else the
+    ellipse fitted to the label) and their absolute difference in mm: the HC18 challenge metric. The cells are empty
+    where the pixel size is unknown; an image whose prediction gives no ellipse counts in ``n_circumference_failures``.
 
     Args:
         output_dir: folder for the files (created if missing).
@@ -119,7 +119,7 @@ class MetricsWriter:
             "least_squares").
         grid_size: the network grid (``spatial_size``); when given, each row also holds the paper's definitions,
             ``hd95_medpy_grid_px`` and ``asd_medpy_grid_px`` of the foreground on that grid
-            (:func:`scripts.metrics.paper_grid_metrics`).
+            (:func:`scripts.evaluation.metrics.paper_grid_metrics`).
     """
 
     def __init__(
@@ -392,12 +392,12 @@ def track_loss_terms(handlers: Sequence[Any], params: dict | None = None) -> int
     """Make MONAI's MLflow tracking (``monai.bundle run --tracking mlflow``) log what this trainer computes.
 
     MONAI appends to ``train#handlers`` an ``MLFlowHandler`` that logs ``output["loss"]`` only. Each one found in
-    ``handlers`` then logs every loss term and weight of :func:`scripts.trainer.loss_terms` per iteration, and
+    ``handlers`` then logs every loss term and weight of :func:`scripts.method.trainer.loss_terms` per iteration, and
     ``params`` (the run's settings) as the MLflow run's parameters. Returns how many it changed (0 without tracking).
     """
     from monai.handlers import MLFlowHandler
 
-    from scripts.trainer import loss_terms
+    from scripts.method.trainer import loss_terms
 
     found = [h for h in handlers if isinstance(h, MLFlowHandler)]
     for handler in found:

@@ -11,7 +11,7 @@ import math
 import torch
 from monai.losses import DiceCELoss, DiceLoss
 
-from scripts.transforms import channel_argmax
+from scripts.data.transforms import channel_argmax
 
 __all__ = [
     "SupervisedLoss",

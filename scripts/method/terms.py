@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from scripts.losses import (
+from scripts.method.losses import (
     CrossPseudoSupervisionLoss,
     InformationDivergenceLoss,
     InterpolationConsistencyLoss,
@@ -220,9 +220,10 @@ class MeanTeacherTerm(UnsupervisedTerm):
 class EmaTeacher:
     """The EMA teacher T of one student S, made by :meth:`follow` and updated after every optimiser step.
 
-    T = alpha T + (1 - alpha) S with alpha = min(1 - 1 / (t + 1), max_alpha) (:func:`scripts.losses.ema_alpha`), over
-    S's parameters and floating-point buffers (batch-norm statistics, which T uses in eval mode); integer buffers are
-    copied. The update is torch's EMA (:func:`torch.optim.swa_utils.get_ema_multi_avg_fn`) at that iteration's alpha.
+    T = alpha T + (1 - alpha) S with alpha = min(1 - 1 / (t + 1), max_alpha)
+    (:func:`scripts.method.losses.ema_alpha`), over S's parameters and floating-point buffers (batch-norm statistics,
+    which T uses in eval mode); integer buffers are copied. The update is torch's EMA
+    (:func:`torch.optim.swa_utils.get_ema_multi_avg_fn`) at that iteration's alpha.
 
     Args:
         student: "b" (network B, the paper's method) or "a" (the UNeXt, the single-network baselines).

@@ -9,7 +9,7 @@ loss is the L1 error on the masked pixels only. The written file holds the encod
 Swin names (``{"model": {...}}``), so ``swin_pretrained_path`` loads it like an ImageNet file: encoder by name,
 each decoder stage from its mirrored encoder stage, the EMA teacher copied from the student as in the authors' code.
 
-    python -m scripts.pretrain --dataset_dir data/phantom_benchmark --prepared_dir data/prepared_benchmark \
+    python -m scripts.method.pretrain --dataset_dir data/phantom_benchmark --prepared_dir data/prepared_benchmark \
         --output models/swin_simmim.pt --iterations 300
     python -m monai.bundle run --config_file "['configs/train.json','configs/evidence_recipe.json']" \
         --swin_pretrained_path models/swin_simmim.pt
@@ -41,9 +41,9 @@ from monai.transforms import (
 from torch import nn
 from tqdm import tqdm
 
-from scripts.files import write_atomic
+from scripts.data.transforms import AsChannelsd
 from scripts.networks import SwinUnet
-from scripts.transforms import AsChannelsd
+from scripts.utils.files import write_atomic
 
 __all__ = ["SimMIM", "ENCODER_PREFIXES", "random_patch_mask", "pretrain"]
 
@@ -248,7 +248,7 @@ def pretrain(
 
 
 if __name__ == "__main__":
-    from scripts.cli import main
+    from scripts.utils.cli import main
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    main(pretrain, __doc__, prog="python -m scripts.pretrain")
+    main(pretrain, __doc__, prog="python -m scripts.method.pretrain")

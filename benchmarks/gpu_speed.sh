@@ -26,14 +26,14 @@ py=${PYTHON:-python3}; device=${DEVICE:-cuda}
 # the demo phantom (200 subjects) for parts 2 and 3, written on one core while part 1 runs
 $py -m scripts.data phantom --dataset_dir "$work/phantom" > "$work/phantom.log" 2>&1 &
 phantom=$!
-[ "${ITERATION:-1}" = 1 ] && timeout 200 $py -m scripts.benchmark iteration --device "$device" --sizes "${SIZES:-[224, 448]}" \
+[ "${ITERATION:-1}" = 1 ] && timeout 200 $py -m scripts.experiments.benchmark iteration --device "$device" --sizes "${SIZES:-[224, 448]}" \
   --runs 5 --warmup 3 --amp "[False, True]" 2>&1 | grep -v Warning | tee "$results/iteration_gpu.txt"
 wait $phantom || { echo "phantom generation failed"; tail "$work/phantom.log"; }
 echo "$(( $(date +%s) - start )) s: phantom ready"
 
 if [ "${PIPELINE:-1}" = 1 ]; then
   for setting in "" "--num_workers 6 --writer_threads 8"; do
-    timeout 150 $py -m scripts.benchmark pipeline --device "$device" --n_images 100 --runs 2 --threads 4 \
+    timeout 150 $py -m scripts.experiments.benchmark pipeline --device "$device" --n_images 100 --runs 2 --threads 4 \
       --input_dir "$work/phantom/training_set" $setting 2>&1 | grep -v -i "warning\|codec" | tee -a "$results/pipeline_gpu.txt"
   done
 fi
@@ -41,7 +41,7 @@ fi
 deadline=$(( $(left) - 40 ))
 echo "$(( $(date +%s) - start )) s: the schedule runs get $deadline s"
 if [ "${SCHEDULE:-1}" = 1 ] && [ $deadline -gt 60 ]; then
-  timeout -k 10 $deadline $py -m scripts.compare run --output_dir "$work/schedule" --dataset_dir "$work/phantom" \
+  timeout -k 10 $deadline $py -m scripts.experiments.compare run --output_dir "$work/schedule" --dataset_dir "$work/phantom" \
     --methods "${METHODS:-['supervised_same_batch','full']}" --fractions "[0.05]" --seeds "[0, 1]" --workers 4 --threads 3 \
     --recipe benchmarks/long_schedule_recipe.json --overrides "${OVERRIDES:-None}" \
     > "$results/schedule.log" 2>&1 &
@@ -50,7 +50,7 @@ if [ "${SCHEDULE:-1}" = 1 ] && [ $deadline -gt 60 ]; then
     echo "$(( $(date +%s) - start )) s: $(ls "$work"/schedule/*/result.json 2>/dev/null | wc -l) runs done;" \
          "$(cat "$work"/schedule/*/eval/validation.csv 2>/dev/null | wc -l) validation rows"
   done
-  ls "$work"/schedule/*/result.json > /dev/null 2>&1 && $py -m scripts.compare table --output_dir "$work/schedule" 2>&1 | tail -12
+  ls "$work"/schedule/*/result.json > /dev/null 2>&1 && $py -m scripts.experiments.compare table --output_dir "$work/schedule" 2>&1 | tail -12
   tar czf "$results/schedule_runs.tgz" -C "$work" --exclude='*.pt' --exclude=tensorboard --exclude='prepared_*' \
     --exclude='*.nii.gz' --exclude='*.png' schedule
 fi

@@ -141,13 +141,17 @@ def test_information_divergence_gradients_reach_both():
 
 
 def test_sigmoid_rampup_formula():
-    # w(t) = W exp(-5 (1 - min(t // r, L) / L)^2)
-    assert sigmoid_rampup_weight(0, 2.0, 200, 50) == pytest.approx(2.0 * math.exp(-5.0))
-    assert sigmoid_rampup_weight(100 * 50, 1.0, 200, 50) == pytest.approx(math.exp(-1.25))
-    assert sigmoid_rampup_weight(100 * 50 + 49, 1.0, 200, 50) == pytest.approx(math.exp(-1.25))  # s = t // r
-    assert sigmoid_rampup_weight(200 * 50, 1.0, 200, 50) == pytest.approx(1.0)
-    assert sigmoid_rampup_weight(10**6, 1.0, 200, 50) == pytest.approx(1.0)
-    assert sigmoid_rampup_weight(7, 0.0, 200, 50) == 0.0
+    # w(t) = W exp(-5 (1 - min(s, L) / L)^2), s = floor(t L / R): the authors' t // r with r = R / L = 50 here
+    assert sigmoid_rampup_weight(0, 2.0, 200, 10_000) == pytest.approx(2.0 * math.exp(-5.0))
+    assert sigmoid_rampup_weight(100 * 50, 1.0, 200, 10_000) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_rampup_weight(100 * 50 + 49, 1.0, 200, 10_000) == pytest.approx(math.exp(-1.25))  # s = t // r
+    assert sigmoid_rampup_weight(200 * 50, 1.0, 200, 10_000) == pytest.approx(1.0)
+    assert sigmoid_rampup_weight(10**6, 1.0, 200, 10_000) == pytest.approx(1.0)
+    # R not a multiple of L, and R < L: full weight exactly at t = R, halfway (s = L / 2) at t = R / 2
+    for span in (500, 150, 70):
+        assert sigmoid_rampup_weight(span - 1, 1.0, 200, span) < 1.0 == sigmoid_rampup_weight(span, 1.0, 200, span)
+        assert sigmoid_rampup_weight(span // 2, 1.0, 200, span) == pytest.approx(math.exp(-5 * 0.25), rel=0.05)
+    assert sigmoid_rampup_weight(7, 0.0, 200, 10_000) == 0.0
 
 
 def test_ema_alpha_formula():

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import DropPath
 
 from scripts.networks import SwinUnet, UNeXt, load_swin_pretrained
 from scripts.networks.swin_unet import (
-    DropPath,
     EncoderStage,
     WindowAttention,
     shifted_window_mask,
@@ -393,6 +393,7 @@ def test_swin_unet_matches_reference_forward_and_gradients(shape):
 
 
 def test_drop_path_per_sample_and_identity_in_eval():
+    """MONAI's DropPath, which both networks use, as the published blocks' stochastic depth."""
     dp = DropPath(0.5)
     x = torch.ones(64, 3, 4)
     dp.train()

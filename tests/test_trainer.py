@@ -163,7 +163,8 @@ def test_events_fire_and_output_holds_every_term():
     ):
         assert key in terms and isinstance(terms[key], float)
     # t = 1, ramp interval = 2 // 200 -> 1: s = 1 of L = 200
-    assert terms["w_cps"] == pytest.approx(torch.exp(torch.tensor(-5 * (1 - 1 / 200) ** 2)).item(), rel=1e-6)
+    # the ramp spans the 2-iteration run (R = 2, L = 200): at t = 1, s = floor(1 * 200 / 2) = 100
+    assert terms["w_cps"] == pytest.approx(torch.exp(torch.tensor(-5 * (1 - 100 / 200) ** 2)).item(), rel=1e-6)
     assert terms["loss"] == pytest.approx(
         terms["sup_a"]
         + terms["sup_b"]
@@ -504,13 +505,14 @@ def test_a_term_without_its_network_or_with_a_negative_weight_is_refused():
 
 
 def test_log_line_names_the_iteration_the_ramp_reaches_full_weight():
-    """Full weight from the first t with t // r >= L, t = r L, whatever rampup_iterations asked for (r >= 1)."""
+    """Full weight from t = R (rampup_iterations, default the run), whether or not R is a multiple of L."""
     trainer, _, _ = make_trainer(iterations=10, max_epochs=30, ict_warmup_iterations=7)  # 300 iterations, L = 200
-    assert trainer.rampup_interval() == 1
+    assert trainer.ramp_iterations() == 300
+    trainer.rampup_iterations = 150  # fewer iterations than steps: no longer stretched to L = 200 iterations
     line = trainer.describe_terms()
-    assert "CPS (weight 1, ramped to full by iteration 200; 1.00 at the last iteration)" in line
-    assert "ICT (weight 1, ramped to full by iteration 200, from iteration 7; " in line
-    assert trainer.unsupervised_weights(199)["w_cps"] < 1.0 == trainer.unsupervised_weights(200)["w_cps"]
+    assert "CPS (weight 1, ramped to full by iteration 150; 1.00 at the last iteration)" in line
+    assert "ICT (weight 1, ramped to full by iteration 150, from iteration 7; " in line
+    assert trainer.unsupervised_weights(149)["w_cps"] < 1.0 == trainer.unsupervised_weights(150)["w_cps"]
     trainer.rampup_iterations = 1000  # r = 5
     assert "CPS (weight 1, ramped to full by iteration 1000; 0.08 at the last iteration)" in trainer.describe_terms()
     assert trainer.unsupervised_weights(999)["w_ict"] < 1.0 == trainer.unsupervised_weights(1000)["w_ict"]

@@ -119,13 +119,24 @@ def measure_iterations(
     warmup: int = 2,
     amp: bool = False,
     device: str = "cpu",
+    compile: bool = False,
+    channels_last: bool = False,
 ) -> dict[str, list[float]]:
     """Per timed training iteration (after ``warmup`` untimed ones): wall seconds (the GPU synchronised), user and
-    system CPU seconds and minor page faults of this process, as lists under :data:`ITERATION_FIGURES`."""
+    system CPU seconds and minor page faults of this process, as lists under :data:`ITERATION_FIGURES`.
+
+    ``channels_last`` puts the UNeXt (the convolutional network) in channels-last memory format; ``compile`` runs
+    both students through ``torch.compile`` (``Module.compile``, after the trainer has copied the EMA teacher, which
+    stays eager); the compilation happens in the warm-up iterations."""
     from ignite.engine import Events
 
     device = torch.device(device)
     trainer = _trainer(size, labeled_batch, unlabeled_batch, warmup + runs, amp, device)
+    if channels_last:
+        trainer.network_a.to(memory_format=torch.channels_last)
+    if compile:
+        trainer.network_a.compile()
+        trainer.network_b.compile()
     stamps: list[tuple[float, float, float, int]] = []
 
     def stamp(_):
@@ -422,12 +433,17 @@ class Benchmarks:
         against: str | None = None,
         pairs: int = 3,
         keep_freed_memory: bool | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         """Median s/iter of the full method per input size and precision, with CPU and kernel time, minor page
         faults and peak memory; ``--against REV`` sets this checkout beside git revision REV (A B A B ...,
         ``pairs`` processes each) and reports the median of the pairs' time ratios. ``--threads`` sets torch's
         thread count (default: torch's own); ``--keep_freed_memory True/False`` forces the malloc setting on or off
-        on both sides (default: as each side's training config sets it)."""
+        on both sides (default: as each side's training config sets it). ``--compile True`` / ``--channels_last True``
+        time ``torch.compile`` and the UNeXt in channels-last (this checkout only, not with ``--against``)."""
+        if against is not None and (compile or channels_last):
+            raise ValueError("--compile and --channels_last time this checkout only; leave out --against")
         if torch.device(device).type == "cuda":
             where = torch.cuda.get_device_name(0)
         else:
@@ -449,7 +465,8 @@ class Benchmarks:
                 print(f"side by side with {against} ({commit}), {pairs} processes each, alternating", flush=True)
             for size in sizes:
                 for use_amp in amp:
-                    precision = "bf16 autocast" if use_amp else "fp32"
+                    precision = ("bf16 autocast" if use_amp else "fp32") + " compiled" * compile
+                    precision += " channels-last" * channels_last
                     kwargs = dict(
                         size=size,
                         labeled_batch=labeled_batch,
@@ -459,6 +476,8 @@ class Benchmarks:
                         amp=use_amp,
                         device=device,
                         threads=threads,
+                        **({"compile": True} if compile else {}),
+                        **({"channels_last": True} if channels_last else {}),
                     )
 
                     def progress(label: str, result: dict) -> None:

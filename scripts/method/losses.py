@@ -118,11 +118,16 @@ class InformationDivergenceLoss(torch.nn.Module):
         return mig + kl, kl, mig
 
 
-def sigmoid_rampup_weight(iteration: int, weight: float, rampup_length: int, rampup_interval: int) -> float:
-    """w(t) = W exp(-5 (1 - min(s, L) / L)^2), s = t // r, L = rampup_length, r = rampup_interval (authors' ramp)."""
+def sigmoid_rampup_weight(iteration: int, weight: float, rampup_length: int, rampup_iterations: int) -> float:
+    """w(t) = W exp(-5 (1 - min(s, L) / L)^2), s = floor(t L / R), L = rampup_length, R = rampup_iterations.
+
+    The authors' ramp is s = t // r with r = R / L iterations per step (their 150 x 200 = 30,000); written with
+    R it is the same where R is a multiple of L, and it reaches full weight at t = R for any R (t // r with r
+    rounded down to a whole number reached it later, at L iterations at least).
+    """
     if rampup_length <= 0:
         return float(weight)
-    s = min(iteration // max(1, rampup_interval), rampup_length)
+    s = min(iteration * rampup_length // max(1, int(rampup_iterations)), rampup_length)
     phase = 1.0 - s / rampup_length
     return float(weight) * math.exp(-5.0 * phase * phase)
 

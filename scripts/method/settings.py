@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from scripts.networks.swin_unet import swin_size_multiple
+from scripts.networks.unext import UNEXT_STRIDE
+
 __all__ = [
     "bf16_autocast_supported",
     "check_training_settings",
@@ -23,8 +26,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-SWIN_SIDE = 224  # every Swin-Unet stage's token grid must divide by its 7-token window: sides are multiples of 224
 
 
 def _fail(name: str, value, rule: str) -> None:
@@ -49,7 +50,7 @@ def check_training_settings(
     """Validate the training config's main values; raise ValueError naming the first bad one. Returns True."""
     if len(spatial_size) != 2 or any(not isinstance(s, int) or s <= 0 for s in spatial_size):
         _fail("spatial_size", spatial_size, "two positive integers [width, height]")
-    side = SWIN_SIDE if uses_swin_unet else 32
+    side = swin_size_multiple() if uses_swin_unet else UNEXT_STRIDE  # the published configurations' multiples
     if any(s % side for s in spatial_size):
         _fail("spatial_size", spatial_size, f"each side must be a multiple of {side} for the networks used")
     if not 0.0 < float(labeled_fraction) <= 1.0:

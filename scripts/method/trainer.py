@@ -196,7 +196,7 @@ class DualNetworkTrainer(Trainer):
 
     Per iteration t (0-based), with labelled rows x_l, y and unlabelled rows x_u (x = cat(x_l, x_u)):
     loss = sup(A(x_l), y) + sup(B(x_l), y) + sum over the terms of w(t) term, each term's weight W ramped up by
-    ``w(t) = W exp(-5 (1 - min(t // r, L) / L)^2)`` (L = ``rampup_length``, r = ``rampup_iterations`` // L).
+    ``w(t) = W exp(-5 (1 - min(floor(t L / R), L) / L)^2)`` (L = ``rampup_length``, R = ``rampup_iterations``).
     Each network runs once per iteration (:meth:`forward`): A and B on x, the teacher's student also on the rows its
     terms add (the ICT mix) in the same call, the teacher (eval mode, no grad) on the rows its terms ask for (x_u for
     ICT, x_u + noise for Mean Teacher). One backward of the summed loss, both optimisers step, then the EMA teacher
@@ -218,8 +218,8 @@ class DualNetworkTrainer(Trainer):
             need network B; ICT and Mean Teacher need the EMA teacher's student.
         ema_teacher: which student the EMA teacher follows and its alpha cap; made only when a term with a weight
             above 0 needs it (default ``EmaTeacher()``: of network B, alpha at most 0.99).
-        rampup_length: L of the ramp-up (200). rampup_iterations: iterations the ramp spans (r = that // L);
-            defaults to the whole run, as the paper's schedule does.
+        rampup_length: L, the ramp-up's steps (200). rampup_iterations: R, the iterations it spans (full weight
+            from t = R on); defaults to the whole run, as the paper's schedule does.
         max_iterations: end the run after this many iterations, in the middle of an epoch if need be (that epoch's
             validation and checkpoint then run at once); None: ``max_epochs * epoch_length``.
         amp, amp_dtype: autocast of the forward passes in "bfloat16" or "float16" (:class:`MixedPrecision`; MONAI's
@@ -329,7 +329,7 @@ class DualNetworkTrainer(Trainer):
     def describe_terms(self) -> str:
         """Which loss terms this run uses, each one's full weight, where its ramp ends and the weight it reaches."""
         last = self.iterations - 1
-        full = self.rampup_interval() * max(0, self.rampup_length)  # the first t with min(t // r, L) = L
+        full = self.ramp_iterations() if self.rampup_length > 0 else 0  # the first t with floor(t L / R) >= L
         at_end = self.unsupervised_weights(last)
         described = ["supervised (UNeXt" + (" and network B)" if self.network_b is not None else ")")]
         for term in self.terms:
@@ -343,16 +343,15 @@ class DualNetworkTrainer(Trainer):
             described.append("unlabelled rows pass through the forward (batch-norm statistics), no loss on them")
         return "loss terms: " + "; ".join(described)
 
-    def rampup_interval(self) -> int:
-        """r of the ramp-up: the iterations per ramp step, ``rampup_iterations`` (default: the run) // L, at least 1."""
-        total = self.rampup_iterations or self.iterations
-        return max(1, int(total // max(1, self.rampup_length)))
+    def ramp_iterations(self) -> int:
+        """R of the ramp-up: the iterations it spans, ``rampup_iterations`` (default: the run), at least 1."""
+        return max(1, int(self.rampup_iterations or self.iterations))
 
     def unsupervised_weights(self, iteration: int) -> dict[str, float]:
         """Every term's ramped weight (w_cps, w_ict, ...) at 0-based iteration t."""
-        interval = self.rampup_interval()
+        span = self.ramp_iterations()
         return {
-            term.weight_key: sigmoid_rampup_weight(iteration, term.weight, self.rampup_length, interval)
+            term.weight_key: sigmoid_rampup_weight(iteration, term.weight, self.rampup_length, span)
             for term in self.terms
         }
 

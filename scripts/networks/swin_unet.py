@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import DropPath
 from torch import nn
 
 from .common import check_image_batch, init_linear_and_norm
@@ -37,7 +38,7 @@ from .common import check_image_batch, init_linear_and_norm
 __all__ = [
     "SwinUnet",
     "load_swin_pretrained",
-    "DropPath",
+    "swin_size_multiple",
     "WindowAttention",
     "SwinBlock",
     "PatchMerging",
@@ -55,29 +56,6 @@ SHIFT_MASK_VALUE = -100.0
 def _exporting() -> bool:
     """True inside torch.compile / torch.export, where shape checks on symbolic sizes would become guards."""
     return torch.compiler.is_compiling()
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (Huang et al. 2016), written here to avoid a timm dependency.
-
-    In training, each sample's residual branch is zeroed with probability ``drop_prob`` and the kept ones are scaled by
-    1 / (1 - drop_prob); identity in eval mode or at rate 0.
-    """
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        shape = [x.shape[0]] + [1] * (x.dim() - 1)
-        mask = x.new_empty(shape).bernoulli_(keep)
-        return x * mask.div_(keep)
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
 
 
 class Mlp(nn.Module):
@@ -439,6 +417,12 @@ class PatchEmbed(nn.Module):
         return self.norm(F.linear(patches, self.proj.weight.flatten(1), self.proj.bias))
 
 
+def swin_size_multiple(patch_size: int = 4, num_stages: int = 4, window_size: int = 7) -> int:
+    """The multiple an input side must be: every stage's grid (H/p, H/2p, ..., H/(p 2^(n-1))) holds whole windows
+    (224 for the published configuration)."""
+    return patch_size * 2 ** (num_stages - 1) * window_size
+
+
 class SwinUnet(nn.Module):
     """Swin-Unet; forward maps (B, in_channels, H, W) to logits (B, out_channels, H, W), H and W multiples of 224.
 
@@ -481,9 +465,8 @@ class SwinUnet(nn.Module):
         self.num_layers = n = len(depths)
         self.patch_size = patch_size
         self.window_size = window_size
-        # every stage's grid (H/p, H/2p, ..., H/(p 2^(n-1))) must hold whole windows
         self.total_stride = patch_size * 2 ** (n - 1)
-        self.size_multiple = self.total_stride * window_size
+        self.size_multiple = swin_size_multiple(patch_size, n, window_size)
         img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         grid = (img_h // patch_size, img_w // patch_size)
         dims = [embed_dim * 2**i for i in range(n)]

@@ -17,10 +17,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import DropPath
 from torch import nn
 
 from .common import check_image_batch, init_linear_and_norm
-from .swin_unet import DropPath
 
 __all__ = ["UNeXt", "ShiftedMLP", "ShiftedBlock", "OverlapPatchEmbed", "DWConv", "shift_tokens", "max_pool_2x2"]
 

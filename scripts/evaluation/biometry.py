@@ -211,7 +211,7 @@ def ransac_ellipse(
     rng = np.random.default_rng(seed)
     best, best_cost, needed, done = None, math.inf, max_trials, 0
     while done < min(needed, max_trials):
-        picks = np.argsort(rng.random((batch, len(points))), axis=1)[:, :5]
+        picks = np.argpartition(rng.random((batch, len(points))), 4, axis=1)[:, :5]  # 5 distinct points per trial
         done += batch
         finalists = _msac_finalists(points, picks, threshold)
         if finalists is None:
@@ -235,9 +235,9 @@ class _EllipseModel(EllipseModel):
         return ellipse_distances(data, self.center, self.axis_lengths, float(self.theta))
 
     def _estimate(self, data, warn_only=True):
-        # scikit-image 0.26 raises TypeError (``phi %= np.pi`` on a complex number) when a degenerate sample, such
-        # as RANSAC's five points nearly on a line, gives complex eigenvectors: report it as a failed estimate
-        # RANSAC's degenerate samples also divide by zero inside the estimate: they are rejected, not worth a warning
+        # scikit-image 0.26 raises TypeError (``phi %= np.pi`` on a complex number) when degenerate points (nearly
+        # on a line) give complex eigenvectors: report it as a failed estimate; such points also divide by zero
+        # inside the estimate, which is then rejected, not worth a warning
         try:
             with np.errstate(all="ignore"):
                 return super()._estimate(data, warn_only=warn_only)
@@ -245,8 +245,8 @@ class _EllipseModel(EllipseModel):
             return f"degenerate sample ({error})"
 
 
-def _valid_ellipse(model, *_) -> bool:
-    """A fit with real, finite parameters and positive axes (a degenerate sample can give complex ones)."""
+def _valid_ellipse(model) -> bool:
+    """A fit with real, finite parameters and positive axes (degenerate points can give complex ones)."""
     if not model:
         return False
     values = np.array([*model.center, *model.axis_lengths, model.theta])

@@ -87,6 +87,32 @@ def test_argmaxd_matches_monai_and_torch_argmax_including_ties():
     assert torch.equal(channel_argmax(batch, 1), torch.argmax(batch, 1, keepdim=True))
 
 
+def test_fill_holes_matches_monai_fill_holes_on_random_label_maps():
+    """Our labelling-based FillHolesd equals MONAI's flood fill (full connectivity), 2D and 3D, one or two labels,
+    holes of one class inside another included, and keeps the MetaTensor's metadata."""
+    from monai.data import MetaTensor
+    from monai.transforms import FillHolesd as MonaiFillHolesd
+    from scipy import ndimage
+
+    from scripts.data.transforms import FillHolesd
+
+    rng = np.random.default_rng(0)
+    for trial in range(24):
+        shape = (60, 45) if trial % 3 else (20, 18, 16)
+        smooth = ndimage.gaussian_filter(rng.random(shape), 1.5)
+        labels = np.digitize(smooth, np.quantile(smooth, [0.4, 0.75]))[None].astype(np.float32)
+        applied = [1, 2] if trial % 2 else [1]
+        pred = MetaTensor(torch.as_tensor(labels), meta={"filename_or_obj": "x.png"})
+        monai = MonaiFillHolesd(keys="pred", applied_labels=applied)({"pred": pred.clone()})["pred"]
+        ours = FillHolesd(keys="pred", applied_labels=applied)({"pred": pred})["pred"]
+        assert isinstance(ours, MetaTensor) and ours.meta["filename_or_obj"] == "x.png"
+        assert torch.equal(ours.as_tensor(), monai.as_tensor()), trial
+    ring = np.zeros((1, 9, 9), np.float32)
+    ring[0, 2:7, 2:7], ring[0, 4, 4] = 1, 0  # one enclosed pixel; the border's zeros stay open
+    filled = FillHolesd(keys="m", applied_labels=[1])({"m": torch.as_tensor(ring)})["m"]
+    assert filled[0, 4, 4] == 1 and filled.sum() == 25
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

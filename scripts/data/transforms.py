@@ -1,4 +1,5 @@
-"""Dictionary transforms the bundle needs beyond MONAI's own: channel-count normalisation, a fast argmax, input checks.
+"""Dictionary transforms the bundle needs beyond MONAI's own: channel-count normalisation, a fast argmax, a fast hole
+filling, input checks.
 
 Each check raises one ValueError naming the offending file, so a bad item in a datalist is found at once.
 """
@@ -7,12 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
+from scipy import ndimage
 
-__all__ = ["ArgMaxd", "AsChannelsd", "CheckLabelRanged", "CheckMinSized", "channel_argmax", "source_name"]
+__all__ = [
+    "ArgMaxd",
+    "AsChannelsd",
+    "CheckLabelRanged",
+    "CheckMinSized",
+    "FillHolesd",
+    "channel_argmax",
+    "fill_holes",
+    "source_name",
+]
 
 
 def source_name(data: Mapping, key: Hashable) -> str:
@@ -38,6 +50,45 @@ class ArgMaxd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = convert_to_dst_type(channel_argmax(d[key], 0), d[key], dtype=torch.float32)[0]
+        return d
+
+
+def fill_holes(labels: np.ndarray, applied_labels: Sequence[int]) -> np.ndarray:
+    """Class indices ``(1, *spatial)`` with the holes of each applied label filled: MONAI's ``fill_holes`` (full
+    connectivity), the same result computed by labelling instead of a flood fill.
+
+    A hole of label L is a connected region of other values (8-connected in 2D) that does not touch the image's
+    border; it becomes L. MONAI floods the non-L pixels from the border by repeated binary dilation, about 17 ms per
+    800 x 540 frame here; one connected-component labelling and a lookup of the components on the border give the
+    same regions in a few milliseconds, on every image of inference and evaluation.
+    """
+    out = np.array(labels, copy=True)
+    image = out[0]
+    structure = ndimage.generate_binary_structure(image.ndim, image.ndim)
+    for label in set(applied_labels):  # the order MONAI fills them in
+        other = image != label
+        components, n = ndimage.label(other, structure=structure)
+        open_ = np.zeros(n + 1, bool)
+        open_[0] = True  # the label's own pixels
+        for axis in range(image.ndim):
+            for end in (0, -1):
+                open_[np.take(components, end, axis=axis)] = True
+        image[~open_[components]] = label
+    return out
+
+
+class FillHolesd(MapTransform):
+    """``monai.transforms.FillHolesd`` on class-index maps (1, ...), through :func:`fill_holes`."""
+
+    def __init__(self, keys: KeysCollection, applied_labels: Sequence[int], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.applied_labels = list(applied_labels)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            array = d[key].detach().cpu().numpy() if isinstance(d[key], torch.Tensor) else np.asarray(d[key])
+            d[key] = convert_to_dst_type(fill_holes(array, self.applied_labels), d[key])[0]
         return d
 
 

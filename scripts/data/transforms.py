@@ -58,9 +58,9 @@ def fill_holes(labels: np.ndarray, applied_labels: Sequence[int]) -> np.ndarray:
     connectivity), the same result computed by labelling instead of a flood fill.
 
     A hole of label L is a connected region of other values (8-connected in 2D) that does not touch the image's
-    border; it becomes L. MONAI floods the non-L pixels from the border by repeated binary dilation, about 17 ms per
-    800 x 540 frame here; one connected-component labelling and a lookup of the components on the border give the
-    same regions in a few milliseconds, on every image of inference and evaluation.
+    border; it becomes L. MONAI floods the non-L pixels from the border by repeated binary dilation; one
+    connected-component labelling and a lookup of the components on the border give the same regions several times
+    faster (docs/benchmark.md), and this runs on every image of inference and evaluation.
     """
     out = np.array(labels, copy=True)
     image = out[0]

@@ -3,7 +3,7 @@
 The structure is taken as the largest connected foreground region with its holes filled; its sub-pixel boundary
 (scikit-image ``find_contours`` at level 0.5) is converted to mm with the pixel size and fitted robustly: a leak
 into a shadow or a missing stretch of skull moves part of the boundary off the head's ellipse, and RANSAC
-(:func:`ransac_ellipse`, every trial at once) finds the ellipse that most boundary points lie close to, then
+(:func:`ransac_ellipse`, trials in batches) finds the ellipse that most boundary points lie close to, then
 scikit-image's ``EllipseModel`` refits it by least squares to those points alone (``method="least_squares"`` fits
 every boundary point, the former behaviour). The circumference is Ramanujan's second approximation, as the HC18
 challenge computes it (van den Heuvel et al. 2018): ``pi (a + b) (1 + 3h / (10 + sqrt(4 - 3h)))``,
@@ -85,7 +85,7 @@ INLIER_DISTANCE_FRACTION = 0.02  # ... or within this fraction of the region's e
 RANSAC_TRIALS = 1000  # at most; in batches of 200 (ransac_ellipse) ...
 RANSAC_STOP_PROBABILITY = 0.999  # ... until an all-inlier sample was drawn with this probability
 RANSAC_POINTS = 400
-FINALISTS = 20  # RANSAC: trials whose consensus is counted again with exact distances (ransac_ellipse)
+FINALISTS = 20  # RANSAC: trials per batch scored again with the exact distances (ransac_ellipse)
 RANSAC_STOP_FRACTION = 0.95  # no RANSAC when the least-squares ellipse keeps this fraction of the points
 RANSAC_SEED = 0  # fixed: the same mask always gives the same measurement
 MAX_FIT_RESIDUAL_PX = 1.0  # large_fit_residual: RMS distance of the kept points above this many pixels ...
@@ -205,8 +205,8 @@ def ransac_ellipse(
     first-order distances, ``|Q(p)| / |grad Q(p)|`` for the conic ``Q`` (Hartley and Zisserman, Multiple View
     Geometry, 2nd ed., section 4.2.6), which match the Euclidean distance near the curve; its :data:`FINALISTS` of
     least cost are scored again with the exact distances (:func:`ellipse_distances`). Written here because
-    scikit-image's ``ransac`` runs one trial at a time in Python with its ``EllipseModel`` (about 0.7 ms per trial,
-    which dominated an image's inference); here a batch of trials is computed at once as arrays.
+    scikit-image's ``ransac`` runs one trial at a time in Python with its ``EllipseModel``, which dominated an image's
+    inference (docs/benchmark.md); here a batch of trials is computed at once as arrays.
     """
     rng = np.random.default_rng(seed)
     best, best_cost, needed, done = None, math.inf, max_trials, 0
@@ -414,8 +414,8 @@ def field_of_view(image: Any, closing_px: int = 5) -> np.ndarray:
 def _convex_hull(region: np.ndarray) -> np.ndarray:
     """The convex hull of a boolean region's pixels (as squares), as a mask of the pixels whose centres it holds.
 
-    scikit-image's ``convex_hull_image`` gives the same hull but tests every pixel of the image against it, which
-    takes tens of milliseconds per ultrasound frame; the hull's polygon is filled scan line by scan line here (the
+    scikit-image's ``convex_hull_image`` gives the same hull but tests every pixel of the image against it, slow on
+    a whole ultrasound frame; the hull's polygon is filled scan line by scan line here (the
     edge pixels can differ by one, well inside the border margin the flags use).
     """
     rows = np.flatnonzero(region.any(axis=1))

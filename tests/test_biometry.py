@@ -226,6 +226,18 @@ def fan(shape=(400, 300), half_angle=0.6):
     return image, inside
 
 
+def test_sector_closing_equals_scipy_iterated_binary_closing():
+    from scripts.evaluation.biometry import _closing
+
+    rng = np.random.default_rng(4)
+    for trial in range(12):
+        mask = rng.random((90, 70)) > (0.5 if trial % 2 else 0.8)
+        mask[:, :3] = rng.random((90, 3)) > 0.3  # foreground on the border: the zeros outside count
+        for steps in (1, 5):
+            expected = ndimage.binary_closing(mask, np.ones((3, 3), bool), iterations=steps, border_value=0)
+            np.testing.assert_array_equal(_closing(mask, steps), expected)
+
+
 def test_field_of_view_is_the_sector_and_a_mask_on_its_edge_is_flagged():
     image, inside = fan()
     sector = field_of_view(image)

@@ -402,13 +402,18 @@ def field_of_view(image: Any, closing_px: int = 5) -> np.ndarray:
         image = image.max(axis=0)
     if image.ndim != 2:
         raise ValueError(f"field_of_view takes a 2D image (or C x X x Y), got shape {image.shape}")
-    # a closing by the (2 closing_px + 1)-square: closing_px 3 x 3 closings at once, as separable max/min filters
-    size = 2 * closing_px + 1
-    signal = ndimage.minimum_filter(ndimage.maximum_filter(image > 0, size, mode="constant"), size, mode="constant")
+    signal = _closing(image > 0, closing_px)
     labels, sizes = _components(signal)
     if not len(sizes):
         return np.ones(image.shape, bool)
     return _convex_hull(labels == 1 + int(np.argmax(sizes)))
+
+
+def _closing(mask: np.ndarray, steps: int) -> np.ndarray:
+    """``ndimage.binary_closing(mask, 3 x 3 square, iterations=steps, border_value=0)``, computed as one closing by
+    the (2 steps + 1)-square through separable max/min filters (zeros outside the image in both passes)."""
+    size = 2 * steps + 1
+    return ndimage.minimum_filter(ndimage.maximum_filter(mask, size, mode="constant"), size, mode="constant")
 
 
 def _convex_hull(region: np.ndarray) -> np.ndarray:

@@ -335,9 +335,10 @@ def fit_ellipse(
         return None
     ellipse = tuple(model.center), tuple(model.axis_lengths), float(model.theta)
     kept = np.ones(len(points), bool)
+    distances = model.residuals(points)  # of the kept points to the ellipse; recomputed if RANSAC replaces it
     threshold = _inlier_distance(region, (sx, sy), inlier_distance_px)
     # a clean outline: the least-squares ellipse already keeps nearly every point, there is nothing to be robust to
-    clean = method == "ransac" and (model.residuals(points) < threshold).mean() >= RANSAC_STOP_FRACTION
+    clean = method == "ransac" and (distances < threshold).mean() >= RANSAC_STOP_FRACTION
     if method == "ransac" and not clean:
         # the consensus is searched on at most RANSAC_POINTS evenly spaced boundary points (neighbouring contour
         # points are ~0.5 px apart and say the same); the inliers and the final fit use every point
@@ -355,13 +356,13 @@ def fit_ellipse(
             area = math.pi * float(np.prod(candidate[1]))
             if agree.mean() >= MIN_RANSAC_FRACTION and area <= MAX_RANSAC_AREA_RATIO * region.sum() * sx * sy:
                 ellipse, kept = candidate, agree
+                distances = ellipse_distances(points[kept], *candidate)
             # else: too little of the outline agrees on one ellipse, or that ellipse is far larger than the region
             # (an arc of a broken mask extrapolated): keep the least-squares fit of every point, which the flags mark
     (cx, cy), (r1, r2), theta = ellipse
     a, b = (r1, r2) if r1 >= r2 else (r2, r1)
     if r1 < r2:
         theta += math.pi / 2
-    distances = ellipse_distances(points[kept], (cx, cy), (a, b), theta)
     fit = {
         "center_x_mm": float(cx),
         "center_y_mm": float(cy),

@@ -377,6 +377,74 @@ def test_swin_stage_matches_reference_blocks(grid):
     assert_same_function(stage.forward_blocks, lambda t: ref_swin_blocks(stage, t), stage, x)
 
 
+def saved_bytes(storages: dict):
+    """A context in which autograd's saved tensors are recorded in ``storages`` (storage address -> bytes)."""
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_swin_block_recomputation_is_bit_exact_and_keeps_less(monkeypatch, amp):
+    """Training recomputes the LayerNorms' and the GELU's outputs in the backward pass: gradients equal the plain
+    block's bit for bit (also under bf16 autocast), and in fp32 what the forward keeps shrinks by each block's two
+    (B, L, C) LayerNorm outputs with their (B, L) means and inverse deviations, and its (B, L, 4C) GELU output."""
+    from scripts.networks.swin_unet import SwinBlock
+
+    torch.manual_seed(0)
+    b, length, c = 2, 4 * 49, 24
+    blocks = torch.nn.ModuleList(SwinBlock(c, 2, 7, shift=i % 2 == 1, drop_path=0.1) for i in range(2)).train()
+    x = torch.randn(b, length, c)
+    g = torch.randn(b, length, c)
+
+    def run(grads: dict, kept: dict):
+        torch.manual_seed(1)  # DropPath's draws
+        blocks.zero_grad(set_to_none=True)
+        t = x.clone().requires_grad_()
+        with saved_bytes(kept), torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            y = t
+            for blk in blocks:
+                y = blk(y)
+        y.backward(g)
+        grads.update({"x": t.grad, "y": y.detach(), **{n: p.grad for n, p in blocks.named_parameters()}})
+
+    fast, plain, kept_fast, kept_plain = {}, {}, {}, {}
+    run(fast, kept_fast)
+    monkeypatch.setattr(SwinBlock, "_recomputes", lambda self: False)
+    run(plain, kept_plain)
+    assert fast.keys() == plain.keys()
+    for name in plain:
+        assert torch.equal(fast[name], plain[name]), name
+    saved = sum(kept_plain.values()) - sum(kept_fast.values())
+    assert saved > 0 if amp else saved == len(blocks) * ((2 + 4) * b * length * c + 2 * 2 * b * length) * 4
+
+
+def test_output_head_recomputation_is_bit_exact_and_keeps_less():
+    """The x4 head's classification recomputes the normalised pixels in the backward pass: the same gradients as
+    ``F.linear(patches(x), weight)``, bit for bit, without keeping the (B, H, W, 16, C) normalised pixels."""
+    from scripts.networks.swin_unet import FinalPatchExpandX4
+
+    torch.manual_seed(0)
+    head, weight = FinalPatchExpandX4(8), torch.randn(3, 8, requires_grad=True)
+    x = torch.randn(2, 5, 6, 8)
+    g = torch.randn(2, 5, 6, 16, 3)
+    results = []
+    for classify in (head.classify, lambda t, w: F.linear(head.patches(t), w)):
+        head.zero_grad(set_to_none=True)
+        weight.grad = None
+        t, kept = x.clone().requires_grad_(), {}
+        with saved_bytes(kept):
+            y = classify(t, weight)
+        y.backward(g)
+        results.append(([y.detach(), t.grad, weight.grad, *(p.grad for p in head.parameters())], sum(kept.values())))
+    (fast, kept_fast), (plain, kept_plain) = results
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    assert kept_plain - kept_fast == (2 * 5 * 6 * 16 * 8 + 2 * 2 * 5 * 6 * 16) * 4  # pixels, means, inverse std
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 224, 224), (1, 3, 224, 448)])
 def test_swin_unet_matches_reference_forward_and_gradients(shape):
     torch.manual_seed(0)

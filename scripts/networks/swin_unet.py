@@ -58,6 +58,38 @@ def _exporting() -> bool:
     return torch.compiler.is_compiling()
 
 
+class _LinearOfRecomputed(torch.autograd.Function):
+    """``F.linear(fn(x, *params), weight, bias)`` that keeps ``x`` for the backward pass instead of ``fn``'s output,
+    and runs ``fn`` again there (a LayerNorm or a GELU: cheap next to the product, and its output is as large as x
+    or 4 x larger). The products are PyTorch's own ``addmm`` backward (same operands, same order), ``fn``'s gradient
+    is autograd's: gradients equal the plain ``linear(fn(x))`` bit for bit, with one activation fewer kept."""
+
+    @staticmethod
+    def forward(ctx, fn, x, weight, bias, *params):
+        ctx.fn, ctx.device = fn, x.device.type
+        # the backward pass recomputes under the same autocast state (what torch.amp.custom_bwd does for one device)
+        ctx.autocast = torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device)
+        ctx.save_for_backward(x, weight, *params)
+        return F.linear(fn(x, *params), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, *params = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        inputs = [t.detach().requires_grad_(need) for t, need in zip((x, *params), (needs[1], *needs[4:]))]
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(ctx.device, dtype, enabled=enabled):
+            h = ctx.fn(*inputs)
+            grad_2d, h_2d = grad.reshape(-1, grad.shape[-1]), h.detach().reshape(-1, h.shape[-1])
+            grad_weight = grad_2d.t().mm(h_2d) if needs[2] else None
+            grad_bias = grad_2d.sum(0) if needs[3] else None
+            grad_h = grad_2d.mm(weight).view(h.shape)
+        wanted = [t for t in inputs if t.requires_grad]
+        found = iter(torch.autograd.grad(h, wanted, grad_h) if wanted else ())
+        grads = [next(found) if t.requires_grad else None for t in inputs]
+        return None, grads[0], grad_weight, grad_bias, *grads[1:]
+
+
 class Mlp(nn.Module):
     """Linear -> GELU -> Linear (with dropout after each)."""
 
@@ -177,8 +209,12 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B * nW, N, C) windows, each image's nW windows in a row; mask: (nW, N, N) additive shift mask or None."""
-        bw, n, c = x.shape
-        qkv = self.qkv(x).view(bw, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.attend(self.qkv(x), mask)
+
+    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention from the windows' ``qkv`` projection, (B * nW, N, 3 C)."""
+        bw, n, c = qkv.shape[0], qkv.shape[1], self.dim
+        qkv = qkv.view(bw, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B*nW, heads, N, d) views of the projection
         bias = self.relative_position_bias().unsqueeze(0)  # (1, heads, N, N)
         if mask is not None:  # bias and shift mask summed once per window set
@@ -227,10 +263,37 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, L, C) tokens grouped by window; mask: the (nW, N, N) shift mask when the windows are shifted."""
+        if not torch.jit.is_scripting():
+            if self._recomputes():
+                return self._forward_recomputing(x, mask)
         b, length, c = x.shape
         y = self.attn(self.norm1(x).view(-1, self.window_size * self.window_size, c), mask)
         x = x + self.drop_path(y.view(b, length, c))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    @torch.jit.unused
+    def _recomputes(self) -> bool:
+        """Training (without dropout in the MLP, whose masks would have to be kept anyway)."""
+        return torch.is_grad_enabled() and not _exporting() and (self.mlp.drop.p == 0 or not self.training)
+
+    @torch.jit.unused
+    def _forward_recomputing(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`forward` keeping neither the LayerNorms' outputs nor the GELU's for the backward pass, where
+        :class:`_LinearOfRecomputed` computes them again."""
+        b, length, c = x.shape
+        qkv, mlp = self.attn.qkv, self.mlp
+        qkv = _LinearOfRecomputed.apply(_layer_norm(self.norm1), x, qkv.weight, qkv.bias, *self.norm1.parameters())
+        y = self.attn.attend(qkv.view(-1, self.window_size * self.window_size, 3 * c), mask)
+        x = x + self.drop_path(y.view(b, length, c))
+        h = _LinearOfRecomputed.apply(
+            _layer_norm(self.norm2), x, mlp.fc1.weight, mlp.fc1.bias, *self.norm2.parameters()
+        )
+        return x + self.drop_path(_LinearOfRecomputed.apply(F.gelu, h, mlp.fc2.weight, mlp.fc2.bias))
+
+
+def _layer_norm(norm: nn.LayerNorm):
+    """``norm`` as a function of (x, weight, bias)."""
+    return lambda x, weight, bias: F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
 
 
 class PatchMerging(nn.Module):
@@ -278,6 +341,16 @@ class FinalPatchExpandX4(nn.Module):
         """(B, H, W, C) -> (B, H, W, 16, C): each token's 4 x 4 output pixels (row-major), normalised, unshuffled."""
         b, h, w, c = x.shape
         return self.norm(self.expand(x).view(b, h, w, 16, c))
+
+    def classify(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, 16, K): ``weight`` (K, C) applied to each of :meth:`patches`' pixels; with
+        autograd on, the normalised pixels are recomputed in the backward pass instead of kept."""
+        if not torch.jit.is_scripting():
+            if torch.is_grad_enabled() and not _exporting():
+                b, h, w, c = x.shape
+                pixels = self.expand(x).view(b, h, w, 16, c)
+                return _LinearOfRecomputed.apply(_layer_norm(self.norm), pixels, weight, None, *self.norm.parameters())
+        return F.linear(self.patches(x), weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
@@ -542,9 +615,8 @@ class SwinUnet(nn.Module):
         if torch.jit.is_scripting() or not _exporting():
             self.check_input(x)
         x, skips = self.forward_features(x)
-        x = self.up.patches(self.forward_up_features(x, skips))  # (B, H/4, W/4, 16, embed_dim)
         # the 1x1 output conv as a matmul on each output pixel's features, then the x4 pixel shuffle of the logits
-        logits = F.linear(x, self.output.weight.flatten(1))  # (B, H/4, W/4, 16, classes)
+        logits = self.up.classify(self.forward_up_features(x, skips), self.output.weight.flatten(1))
         b, h, w = logits.shape[0], logits.shape[1], logits.shape[2]
         logits = logits.view(b, h, w, 4, 4, self.out_channels).permute(0, 5, 1, 3, 2, 4)
         return logits.reshape(b, self.out_channels, 4 * h, 4 * w)

@@ -59,10 +59,12 @@ def _exporting() -> bool:
 
 
 class _LinearOfRecomputed(torch.autograd.Function):
-    """``F.linear(fn(x, *params), weight, bias)`` that keeps ``x`` for the backward pass instead of ``fn``'s output,
-    and runs ``fn`` again there (a LayerNorm or a GELU: cheap next to the product, and its output is as large as x
-    or 4 x larger). The products are PyTorch's own ``addmm`` backward (same operands, same order), ``fn``'s gradient
-    is autograd's: gradients equal the plain ``linear(fn(x))`` bit for bit, with one activation fewer kept."""
+    """``F.linear(fn(x, *params), weight, bias)`` that keeps ``x`` for the backward pass instead of ``fn``'s output
+    and recomputes that there (``fn`` a :class:`_LayerNorm` or :class:`_Gelu`: cheap next to the product, with an
+    output as large as x or 4 x larger). The backward pass runs the kernels autograd would (``addmm``'s products on
+    the same operands in the same order, then ``fn``'s own backward), so the gradients equal those of the plain
+    ``linear(fn(x))`` bit for bit; the recomputed output is freed before ``fn``'s backward, which does not need it.
+    """
 
     @staticmethod
     def forward(ctx, fn, x, weight, bias, *params):
@@ -70,24 +72,51 @@ class _LinearOfRecomputed(torch.autograd.Function):
         # the backward pass recomputes under the same autocast state (what torch.amp.custom_bwd does for one device)
         ctx.autocast = torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device)
         ctx.save_for_backward(x, weight, *params)
-        return F.linear(fn(x, *params), weight, bias)
+        return F.linear(fn.run(x, *params)[0], weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        inputs = [t.detach().requires_grad_(need) for t, need in zip((x, *params), (needs[1], *needs[4:]))]
         enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(ctx.device, dtype, enabled=enabled):
-            h = ctx.fn(*inputs)
-            grad_2d, h_2d = grad.reshape(-1, grad.shape[-1]), h.detach().reshape(-1, h.shape[-1])
-            grad_weight = grad_2d.t().mm(h_2d) if needs[2] else None
+        with torch.autocast(ctx.device, dtype, enabled=enabled):
+            h, state = ctx.fn.run(x, *params)
+            grad_2d = grad.reshape(-1, grad.shape[-1])
+            grad_weight = grad_2d.t().mm(h.reshape(-1, h.shape[-1])) if needs[2] else None
             grad_bias = grad_2d.sum(0) if needs[3] else None
-            grad_h = grad_2d.mm(weight).view(h.shape)
-        wanted = [t for t in inputs if t.requires_grad]
-        found = iter(torch.autograd.grad(h, wanted, grad_h) if wanted else ())
-        grads = [next(found) if t.requires_grad else None for t in inputs]
+            grad_h = grad_2d.mm(weight).view(h.shape).to(h.dtype)  # autocast's cast of h, backwards
+        del h
+        grads = ctx.fn.grads(grad_h, state, *params, needs=[needs[1], *needs[4:]])
         return None, grads[0], grad_weight, grad_bias, *grads[1:]
+
+
+class _Gelu:
+    """Exact GELU for :class:`_LinearOfRecomputed`: its output, and its input's gradient as autograd computes it."""
+
+    @staticmethod
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.gelu(x), x
+
+    @staticmethod
+    def grads(grad: torch.Tensor, x: torch.Tensor, needs: list[bool]) -> tuple[torch.Tensor | None]:
+        return (torch.ops.aten.gelu_backward(grad, x) if needs[0] else None,)
+
+
+class _LayerNorm:
+    """``norm`` for :class:`_LinearOfRecomputed`, through the kernels ``F.layer_norm`` and its backward run."""
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        self.shape, self.eps = list(norm.normalized_shape), norm.eps
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # autocast runs layer_norm in fp32
+        out, mean, rstd = torch.native_layer_norm(x, self.shape, weight, bias, self.eps)
+        return out, (x, mean, rstd)
+
+    def grads(self, grad: torch.Tensor, state: tuple, weight: torch.Tensor, bias: torch.Tensor, needs: list[bool]):
+        x, mean, rstd = state
+        return torch.ops.aten.native_layer_norm_backward(grad, x, self.shape, mean, rstd, weight, bias, needs)
 
 
 class Mlp(nn.Module):
@@ -282,18 +311,11 @@ class SwinBlock(nn.Module):
         :class:`_LinearOfRecomputed` computes them again."""
         b, length, c = x.shape
         qkv, mlp = self.attn.qkv, self.mlp
-        qkv = _LinearOfRecomputed.apply(_layer_norm(self.norm1), x, qkv.weight, qkv.bias, *self.norm1.parameters())
+        qkv = _LinearOfRecomputed.apply(_LayerNorm(self.norm1), x, qkv.weight, qkv.bias, *self.norm1.parameters())
         y = self.attn.attend(qkv.view(-1, self.window_size * self.window_size, 3 * c), mask)
         x = x + self.drop_path(y.view(b, length, c))
-        h = _LinearOfRecomputed.apply(
-            _layer_norm(self.norm2), x, mlp.fc1.weight, mlp.fc1.bias, *self.norm2.parameters()
-        )
-        return x + self.drop_path(_LinearOfRecomputed.apply(F.gelu, h, mlp.fc2.weight, mlp.fc2.bias))
-
-
-def _layer_norm(norm: nn.LayerNorm):
-    """``norm`` as a function of (x, weight, bias)."""
-    return lambda x, weight, bias: F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+        h = _LinearOfRecomputed.apply(_LayerNorm(self.norm2), x, mlp.fc1.weight, mlp.fc1.bias, *self.norm2.parameters())
+        return x + self.drop_path(_LinearOfRecomputed.apply(_Gelu, h, mlp.fc2.weight, mlp.fc2.bias))
 
 
 class PatchMerging(nn.Module):
@@ -349,7 +371,7 @@ class FinalPatchExpandX4(nn.Module):
             if torch.is_grad_enabled() and not _exporting():
                 b, h, w, c = x.shape
                 pixels = self.expand(x).view(b, h, w, 16, c)
-                return _LinearOfRecomputed.apply(_layer_norm(self.norm), pixels, weight, None, *self.norm.parameters())
+                return _LinearOfRecomputed.apply(_LayerNorm(self.norm), pixels, weight, None, *self.norm.parameters())
         return F.linear(self.patches(x), weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

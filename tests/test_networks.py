@@ -445,6 +445,34 @@ def test_output_head_recomputation_is_bit_exact_and_keeps_less():
     assert kept_plain - kept_fast == (2 * 5 * 6 * 16 * 8 + 2 * 2 * 5 * 6 * 16) * 4  # pixels, means, inverse std
 
 
+def test_output_head_runs_image_by_image_above_the_chunk_size(monkeypatch):
+    """Past HEAD_CHUNK_BYTES of expanded pixels the head runs one image at a time, each recomputed in the backward
+    pass: the same outputs and gradients (the weight gradients summed image by image) and nothing of the head kept
+    but its input."""
+    from scripts.networks import swin_unet
+    from scripts.networks.swin_unet import FinalPatchExpandX4
+
+    torch.manual_seed(0)
+    head, weight = FinalPatchExpandX4(8), torch.randn(3, 8, requires_grad=True)
+    x = torch.randn(3, 5, 6, 8)
+    g = torch.randn(3, 5, 6, 16, 3)
+    results = []
+    for chunk_bytes in (swin_unet.HEAD_CHUNK_BYTES, 16 * 5 * 6 * 8 * 4):  # the whole batch, then one image's worth
+        monkeypatch.setattr(swin_unet, "HEAD_CHUNK_BYTES", chunk_bytes)
+        head.zero_grad(set_to_none=True)
+        weight.grad = None
+        t, kept = x.clone().requires_grad_(), {}
+        with saved_bytes(kept):
+            y = head.classify(t, weight)
+        y.backward(g)
+        results.append(([y.detach(), t.grad, weight.grad, *(p.grad for p in head.parameters())], kept))
+    (whole, kept_whole), (by_image, kept_by_image) = results
+    for a, b in zip(by_image, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))  # fp32 sums, reordered
+    assert sum(kept_whole.values()) >= 3 * 5 * 6 * 16 * 8 * 4  # the batch's expanded pixels
+    assert sum(kept_by_image.values()) <= x.numel() * 4 + weight.numel() * 4  # at most the input
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 224, 224), (1, 3, 224, 448)])
 def test_swin_unet_matches_reference_forward_and_gradients(shape):
     torch.manual_seed(0)

@@ -175,7 +175,7 @@ def iteration_child(keep_freed_memory: bool | None = None, threads: int | None =
         torch.cuda.reset_peak_memory_stats(device)
     result = measure_iterations(**kwargs)
     result.update(
-        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,  # KiB -> GiB
         malloc_kept=malloc,
         code=str(Path(scripts.__file__).resolve().parents[1]),
         threads=torch.get_num_threads(),
@@ -252,9 +252,9 @@ def _pooled_medians(results: Sequence[dict]) -> dict[str, float]:
 def _iteration_line(label: str, results: Sequence[dict]) -> str:
     m = _pooled_medians(results)
     n = sum(len(r["seconds"]) for r in results)
-    memory = f"peak RSS {max(r['peak_rss_gb'] for r in results):.1f} GB"
+    memory = f"peak RSS {max(r['peak_rss_gb'] for r in results):.1f} GiB"
     if "peak_gpu_gb" in results[0]:
-        memory += f", peak GPU {max(r['peak_gpu_gb'] for r in results):.2f} GB"
+        memory += f", peak GPU {max(r['peak_gpu_gb'] for r in results):.2f} GiB"
     return (
         f"{label}: median {m['seconds']:.3f} s/iter (n={n}); CPU {m['user_s'] + m['system_s']:.2f} s of which "
         f"system {m['system_s']:.2f} s; {m['minor_faults'] / 1e3:.0f} k minor page faults; {memory}; "

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers import DropPath
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .common import check_image_batch, init_linear_and_norm
 
@@ -50,6 +51,8 @@ logger = logging.getLogger("scripts.networks")
 
 #: value the reference adds to attention logits between tokens of different regions of a shifted window
 SHIFT_MASK_VALUE = -100.0
+#: training: above this many bytes of expanded pixels the x4 head runs image by image (FinalPatchExpandX4.classify)
+HEAD_CHUNK_BYTES = 256 * 2**20
 
 
 @torch.jit.unused
@@ -365,14 +368,28 @@ class FinalPatchExpandX4(nn.Module):
         return self.norm(self.expand(x).view(b, h, w, 16, c))
 
     def classify(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, 16, K): ``weight`` (K, C) applied to each of :meth:`patches`' pixels; with
-        autograd on, the normalised pixels are recomputed in the backward pass instead of kept."""
+        """(B, H, W, C) -> (B, H, W, 16, K): ``weight`` (K, C) applied to each of :meth:`patches`' pixels.
+
+        With autograd on, the normalised pixels are recomputed in the backward pass instead of kept. Where the
+        batch's expanded pixels would exceed :data:`HEAD_CHUNK_BYTES` (they are the network's largest tensors: 540 MB
+        for 7 images at 448 px), the head runs one image at a time and each image's is recomputed in the backward
+        pass (``torch.utils.checkpoint``): only the head's input is kept, and no block that large is allocated and
+        freed in every iteration (which grew malloc's heap by half a gigabyte at a time, docs/benchmark.md).
+        """
         if not torch.jit.is_scripting():
             if torch.is_grad_enabled() and not _exporting():
                 b, h, w, c = x.shape
-                pixels = self.expand(x).view(b, h, w, 16, c)
-                return _LinearOfRecomputed.apply(_LayerNorm(self.norm), pixels, weight, None, *self.norm.parameters())
+                if b == 1 or b * 16 * h * w * c * x.element_size() <= HEAD_CHUNK_BYTES:
+                    return self._classify_recomputing(x, weight)
+                parts = [checkpoint(self._classify_recomputing, t, weight, use_reentrant=False) for t in x.split(1)]
+                return torch.cat(parts)
         return F.linear(self.patches(x), weight)
+
+    @torch.jit.unused
+    def _classify_recomputing(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        pixels = self.expand(x).view(b, h, w, 16, c)
+        return _LinearOfRecomputed.apply(_LayerNorm(self.norm), pixels, weight, None, *self.norm.parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape

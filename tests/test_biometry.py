@@ -313,3 +313,10 @@ def test_flags_on_the_foreground_crop_equal_the_whole_frame():
         flags = quality_flags(None, mask, field_of_view=sector, border_margin_px=margin, min_component_fraction=0.0)
         assert ("touches_sector_border" in flags) == bool((mask & ~inner).any()), trial
         assert ("several_components" in flags) == (len(sizes) > 1), trial
+    # the sector's edge just beyond the mask's last row or column: flagged when within the margin, and only then
+    disc = np.hypot(x - 60, y - 45) <= 20  # rows and columns 40..80 and 25..65
+    for margin in (1, 2, 3):
+        for gap in range(margin + 2):  # sector pixels between the disc and the sector's edge
+            for sector in (x <= 80 + gap, y >= 25 - gap):
+                flags = quality_flags(None, disc, field_of_view=sector, border_margin_px=margin)
+                assert ("touches_sector_border" in flags) == (gap < margin), (margin, gap)

@@ -292,3 +292,31 @@ def test_border_components_and_ragged_outline_flags():
     assert fit["circumference_mm"] == pytest.approx(ellipse_circumference(200.0, 150.0), rel=0.01)
     leak = with_strip(draw_ellipse((800, 540), CX, CY, A, B, THETA, SPACING))  # 30 % of the outline off the ellipse
     assert parse_flags(fit_ellipse(leak, SPACING)["flags"]) == ["boundary_off_ellipse"]
+
+
+def test_flags_on_the_foreground_crop_equal_the_whole_frame():
+    """quality_flags works on the foreground's bounding box (widened by the margin): the sector-border and
+    component flags equal scipy's erosion and labelling of the whole frame, also with the mask on the image edge."""
+    rng = np.random.default_rng(7)
+    x, y = np.meshgrid(np.arange(120), np.arange(90), indexing="ij")
+    for trial in range(24):
+        margin = 1 + trial % 3
+        sector = np.hypot(x - rng.uniform(40, 80), y - rng.uniform(-10, 20)) < rng.uniform(50, 110)
+        sector &= rng.random(sector.shape) > 0.02  # specks off the sector: its edge is ragged
+        cx, cy = rng.uniform(0, 120), rng.uniform(0, 90)
+        mask = np.hypot((x - cx) / rng.uniform(5, 30), (y - cy) / rng.uniform(5, 30)) <= 1
+        mask |= rng.random(mask.shape) > 0.999  # specks: more components
+        if not mask.any():
+            continue
+        inner = ndimage.binary_erosion(sector, np.ones((3, 3), bool), iterations=margin, border_value=1)
+        sizes = np.bincount(ndimage.label(mask, np.ones((3, 3), bool))[0].ravel())[1:]
+        flags = quality_flags(None, mask, field_of_view=sector, border_margin_px=margin, min_component_fraction=0.0)
+        assert ("touches_sector_border" in flags) == bool((mask & ~inner).any()), trial
+        assert ("several_components" in flags) == (len(sizes) > 1), trial
+    # the sector's edge just beyond the mask's last row or column: flagged when within the margin, and only then
+    disc = np.hypot(x - 60, y - 45) <= 20  # rows and columns 40..80 and 25..65
+    for margin in (1, 2, 3):
+        for gap in range(margin + 2):  # sector pixels between the disc and the sector's edge
+            for sector in (x <= 80 + gap, y >= 25 - gap):
+                flags = quality_flags(None, disc, field_of_view=sector, border_margin_px=margin)
+                assert ("touches_sector_border" in flags) == (gap < margin), (margin, gap)

@@ -260,15 +260,30 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, sizes
 
 
+def _bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, slice] | None:
+    """The rows and columns of a 2D mask's foreground, widened by ``margin`` inside the image; None if empty.
+
+    The labelling and morphology below run on this crop of an ultrasound frame, where the structure is a fraction
+    of it: the same result (labels in the same scan order, the same sizes), less work."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return None
+    return (
+        slice(max(rows[0] - margin, 0), min(rows[-1] + 1 + margin, mask.shape[0])),
+        slice(max(cols[0] - margin, 0), min(cols[-1] + 1 + margin, mask.shape[1])),
+    )
+
+
 def _largest_region(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     """The largest connected region with its holes filled, cropped to its bounding box, and the crop's offset."""
-    labels, n = ndimage.label(mask)
-    if n == 0:
+    crop = _bounding_box(mask)
+    if crop is None:
         return np.zeros((0, 0), bool), (0, 0)
-    index = 1 + int(np.argmax(ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1)))) if n > 1 else 1
+    labels, n = ndimage.label(mask[crop])
+    index = 1 + int(np.argmax(ndimage.sum_labels(mask[crop], labels, index=np.arange(1, n + 1)))) if n > 1 else 1
     box = ndimage.find_objects(labels, max_label=index)[index - 1]
     region = ndimage.binary_fill_holes(labels[box] == index)
-    return region, (box[0].start, box[1].start)
+    return region, (crop[0].start + box[0].start, crop[1].start + box[1].start)
 
 
 def _as_2d_mask(mask: Any) -> np.ndarray:
@@ -398,7 +413,7 @@ def parse_flags(flags: str | Iterable[str] | None) -> list[str]:
 def field_of_view(image: Any, closing_px: int = 5) -> np.ndarray:
     """The ultrasound sector of a grey ``image[x, y]`` (or ``[C, x, y]``): the convex hull of the largest region of
     non-black pixels after a ``closing_px`` closing, so burned-in text beside the sector is not part of it."""
-    image = np.asarray(image, dtype=np.float64)
+    image = np.asarray(image)
     if image.ndim == 3:
         image = image.max(axis=0)
     if image.ndim != 2:
@@ -482,19 +497,21 @@ def quality_flags(
             raised.add("large_fit_residual")
         if fit.get("boundary_fraction_kept") is not None and fit["boundary_fraction_kept"] < min_fraction_kept:
             raised.add("boundary_off_ellipse")
-    if foreground.any():
-        m = max(int(border_margin_px), 1)
+    m = max(int(border_margin_px), 1)
+    crop = _bounding_box(foreground, margin=m)  # every test below looks at most m pixels beyond the foreground
+    if crop is not None:
         if foreground[:m].any() or foreground[-m:].any() or foreground[:, :m].any() or foreground[:, -m:].any():
             raised.add("touches_image_border")
         if field_of_view is not None:
             sector = np.asarray(field_of_view, bool)
             if sector.shape != foreground.shape:
                 raise ValueError(f"field_of_view has shape {sector.shape}, the mask {foreground.shape}")
-            # border_value=1: the image's own edge is not the sector's edge (that is the other flag)
-            inner = ndimage.binary_erosion(sector, structure=np.ones((3, 3), bool), iterations=m, border_value=1)
-            if (foreground & ~inner).any():
+            # border_value=1: the image's own edge is not the sector's edge (that is the other flag); the crop's
+            # other edges lie m pixels beyond the foreground, as far as the m erosion steps reach
+            inner = ndimage.binary_erosion(sector[crop], structure=np.ones((3, 3), bool), iterations=m, border_value=1)
+            if (foreground[crop] & ~inner).any():
                 raised.add("touches_sector_border")
-        _, sizes = _components(foreground)
+        _, sizes = _components(foreground[crop])
         if len(sizes) > 1 and (np.sort(sizes)[-2] >= min_component_fraction * sizes.max()):
             raised.add("several_components")
     return [name for name in FLAGS if name in raised]

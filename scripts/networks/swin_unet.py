@@ -18,6 +18,9 @@ the function or the parameter count:
 - the x4 head normalises and classifies each token's 16 output pixels before the pixel shuffle, which then moves
   class logits instead of 96-channel features (LayerNorm and the 1x1 output are per pixel: same result);
 - ``relative_position_index`` and the shifted-window mask and indices are non-persistent buffers: derived, not learnt.
+- training keeps fewer activations: each block's LayerNorm and GELU outputs, and the head's normalised pixels, are
+  recomputed in the backward pass (same kernels, bit-exact gradients), and past ``HEAD_CHUNK_BYTES`` of expanded
+  pixels the x4 head runs image by image under ``torch.utils.checkpoint``.
 
 ImageNet Swin-T weights are mapped by :func:`load_swin_pretrained` (official or timm key names).
 """

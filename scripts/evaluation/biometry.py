@@ -279,8 +279,9 @@ def _largest_region(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     crop = _bounding_box(mask)
     if crop is None:
         return np.zeros((0, 0), bool), (0, 0)
-    labels, n = ndimage.label(mask[crop])
-    index = 1 + int(np.argmax(ndimage.sum_labels(mask[crop], labels, index=np.arange(1, n + 1)))) if n > 1 else 1
+    mask = mask[crop]
+    labels, n = ndimage.label(mask)
+    index = 1 + int(np.argmax(ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1)))) if n > 1 else 1
     box = ndimage.find_objects(labels, max_label=index)[index - 1]
     region = ndimage.binary_fill_holes(labels[box] == index)
     return region, (crop[0].start + box[0].start, crop[1].start + box[1].start)

@@ -365,10 +365,14 @@ class FinalPatchExpandX4(nn.Module):
         self.expand = nn.Linear(dim, 16 * dim, bias=False)
         self.norm = nn.LayerNorm(dim)
 
-    def patches(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, 16, C): each token's 4 x 4 output pixels (row-major), normalised, unshuffled."""
+    def expanded(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, 16, C): each token's 4 x 4 output pixels (row-major), unshuffled."""
         b, h, w, c = x.shape
-        return self.norm(self.expand(x).view(b, h, w, 16, c))
+        return self.expand(x).view(b, h, w, 16, c)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`expanded`, normalised."""
+        return self.norm(self.expanded(x))
 
     def classify(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, 16, K): ``weight`` (K, C) applied to each of :meth:`patches`' pixels.
@@ -390,8 +394,7 @@ class FinalPatchExpandX4(nn.Module):
 
     @torch.jit.unused
     def _classify_recomputing(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
-        pixels = self.expand(x).view(b, h, w, 16, c)
+        pixels = self.expanded(x)
         return _LinearOfRecomputed.apply(_LayerNorm(self.norm), pixels, weight, None, *self.norm.parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

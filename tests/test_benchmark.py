@@ -1,7 +1,9 @@
 """The inference-pipeline benchmark runs inference.json for real, with and without overlays, beside the bare
 forward at the same batch size, and times each stage of an image alone."""
 
-from scripts.experiments.benchmark import pipeline_report
+import torch
+
+from scripts.experiments.benchmark import count_flops, pipeline_report
 
 
 def test_pipeline_report_on_three_phantom_images(tmp_path):
@@ -27,3 +29,12 @@ def test_pipeline_report_on_three_phantom_images(tmp_path):
     stages = report["stages_ms"]
     assert len(stages) == 7 and all(v > 0 for v in stages.values()), stages
     assert list(stages)[2].startswith("forward (batch 2")
+
+
+def test_flops_of_a_linear_layer_forward_and_backward():
+    # y = x W^T + b: forward 2 M K N; backward one product for the input's gradient and one for the weight's, 2 M K N
+    # each (the bias gradient is a sum, not counted)
+    m, k, n = 64, 96, 288
+    layer, x = torch.nn.Linear(k, n), torch.randn(m, k, requires_grad=True)
+    counted = count_flops(lambda: layer(x).sum().backward())
+    assert counted == {"addmm": 2 * m * k * n / 1e9, "mm": 2 * 2 * m * k * n / 1e9}

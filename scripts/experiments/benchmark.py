@@ -4,6 +4,7 @@
     python -m scripts.experiments.benchmark iteration --sizes "[224]" --amp "[False]" --against d0bc723 --pairs 3
     python -m scripts.experiments.benchmark latency --sizes "[224, 448]" --runs 20 --threads 2
     python -m scripts.experiments.benchmark pipeline --n_images 100 --threads 2
+    python -m scripts.experiments.benchmark floor --sizes "[224, 448]" --threads 2
 
 ``iteration`` times one full training iteration of the method (both networks, teacher, every loss, backward, both
 optimiser steps, EMA update) on random tensors with ICT active, each setting in a fresh process so that its peak
@@ -14,10 +15,13 @@ checkout's ``scripts``), alternating the two in fresh processes (A B A B ...), a
 ``latency`` times batch-1 UNeXt inference in eager PyTorch, TorchScript and ONNX Runtime (and the Swin-Unet in
 eager for scale). ``pipeline`` runs ``configs/inference.json`` end to end on a folder of phantom images and sets its
 throughput beside the bare network forward, with a stage-by-stage breakdown of where the rest of the time goes.
+``floor`` counts an iteration's floating-point work per operation and sets the time of its matrix products beside
+what this CPU's fastest fp32 matrix product would take for them: how far a faster implementation could go.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import resource
@@ -417,8 +421,68 @@ def pipeline_report(
     }
 
 
+#: the matrix products of an iteration (what :func:`iteration_floor` sets beside the machine's GEMM rate)
+MATRIX_PRODUCTS = ("mm", "addmm", "bmm")
+
+
+def _gflop_by_operation(counter) -> dict[str, float]:
+    return {str(op).removeprefix("aten."): n / 1e9 for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def count_flops(run: Callable[[], object]) -> dict[str, float]:
+    """GFLOP of ``run()`` per aten operation (``torch.utils.flop_counter.FlopCounterMode``: a multiply-add counts
+    2; it counts the operations it has formulas for: matrix products, convolutions, attention), backward included
+    when ``run`` calls it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    return _gflop_by_operation(counter)
+
+
+def matmul_rate(n: int = 4096, runs: int = 7) -> float:
+    """This CPU's fp32 matrix-product rate in GFLOP/s: the median of ``runs`` products of two n x n matrices
+    (2 n^3 operations each) after two warm-up ones, at torch's current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / 1e9 / statistics.median(inference_times(lambda: a @ b, runs, warmup=2))
+
+
+def iteration_floor(size: int = 224, labeled_batch: int = 1, unlabeled_batch: int = 4) -> dict:
+    """One CPU training iteration of the full method, built as :func:`measure_iterations` builds it (fp32), each
+    iteration running from its ITERATION_STARTED to the next one's: ``gflop``, iteration 2's work per operation
+    (as :func:`count_flops` counts it), and under ``torch.profiler`` iteration 3's wall ``seconds`` and
+    ``self_cpu_s``, each operation's own time (the profiler times an operation on the thread that calls it, so
+    this is its wall time with its intra-op threads; the operations add up to about the iteration's wall time)."""
+    from ignite.engine import Events
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trainer = _trainer(size, labeled_batch, unlabeled_batch, 3, False, torch.device("cpu"))
+    counter, profiler = FlopCounterMode(display=False), profile(activities=[ProfilerActivity.CPU])
+    window, marks = contextlib.ExitStack(), []
+
+    def started(engine) -> None:
+        window.close()
+        marks.append(time.perf_counter())
+        window.enter_context({2: counter, 3: profiler}.get(engine.state.iteration, contextlib.nullcontext()))
+
+    def completed(_) -> None:
+        window.close()
+        marks.append(time.perf_counter())
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, started)
+    trainer.add_event_handler(Events.COMPLETED, completed)
+    trainer.run()
+    return {
+        "gflop": _gflop_by_operation(counter),
+        "seconds": marks[3] - marks[2],
+        "self_cpu_s": {e.key.removeprefix("aten::"): e.self_cpu_time_total / 1e6 for e in profiler.key_averages()},
+    }
+
+
 class Benchmarks:
-    """``python -m scripts.experiments.benchmark iteration``, ``latency`` and ``pipeline``."""
+    """``python -m scripts.experiments.benchmark iteration``, ``latency``, ``pipeline`` and ``floor``."""
 
     def iteration(
         self,
@@ -534,6 +598,38 @@ class Benchmarks:
                         f"{name:19s} {size:4d} px  median {median_ms(inference_times(run, runs)):7.1f} ms", flush=True
                     )
 
+    def floor(
+        self, sizes: Sequence[int] = (224, 448), threads: int = 2, labeled_batch: int = 1, unlabeled_batch: int = 4
+    ) -> None:
+        """How far the fp32 iteration on this CPU is from its matrix products alone: the iteration's GFLOP per
+        operation, its wall time and the time of its matrix products (profiled), beside the time those
+        products would take at this CPU's n = 4096 matrix-product rate. Run it on a quiet machine."""
+        from scripts.method.settings import keep_freed_memory
+
+        keep_freed_memory()  # as training sets malloc (large products run at half speed in freshly mapped memory)
+        torch.set_num_threads(threads)
+        rate = matmul_rate()
+        print(
+            f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
+            f"{'yes' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'no'}, {threads} threads, fp32; batch "
+            f"{labeled_batch} + {unlabeled_batch}; matrix product of two 4096 x 4096 matrices: {rate:.0f} GFLOP/s",
+            flush=True,
+        )
+        for size in sizes:
+            found = iteration_floor(size, labeled_batch, unlabeled_batch)
+            gflop, own = found["gflop"], found["self_cpu_s"]
+            products = sum(gflop.get(op, 0.0) for op in MATRIX_PRODUCTS)
+            seconds = sum(own.get(op, 0.0) for op in MATRIX_PRODUCTS)
+            print(
+                f"{size:4d} px: {sum(gflop.values()):.1f} GFLOP counted ("
+                + ", ".join(f"{op} {n:.1f}" for op, n in sorted(gflop.items(), key=lambda kv: -kv[1]))
+                + f"); iteration (profiled) {found['seconds']:.2f} s, of which the matrix products "
+                f"({', '.join(MATRIX_PRODUCTS)}, {products:.1f} GFLOP) {seconds:.2f} s = "
+                f"{products / seconds:.0f} GFLOP/s "
+                f"({products / rate:.2f} s at the 4096 rate) and everything else {found['seconds'] - seconds:.2f} s",
+                flush=True,
+            )
+
     def pipeline(
         self,
         n_images: int = 100,
@@ -592,7 +688,7 @@ if __name__ == "__main__":
 
     bench = Benchmarks()
     main(
-        {"iteration": bench.iteration, "latency": bench.latency, "pipeline": bench.pipeline},
+        {"iteration": bench.iteration, "latency": bench.latency, "pipeline": bench.pipeline, "floor": bench.floor},
         __doc__,
         prog="python -m scripts.experiments.benchmark",
     )

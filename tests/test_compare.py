@@ -127,3 +127,6 @@ def test_paired_differences_pair_seeds_and_labelled_counts(tmp_path):
     text = (tmp_path / "paired.md").read_text()
     assert "| 25 images | 0 | +0.050 |" in text and "+0.015 ± 0.049" in text
     assert run_name("full", "n25", 0) == "full__n25__seed0"
+    # a labelled fraction is shown as a share (it was once shown as a count: ".25 images")
+    write_paired([{**r, "fraction": 0.25} for r in results], tmp_path, [("full", "supervised")])
+    assert "| 25% | 0 | +0.050 |" in (tmp_path / "paired.md").read_text()

@@ -340,7 +340,7 @@ def paired_differences(
             continue
         rows.append(
             {
-                "labels": labels,
+                "labels": r["fraction"],
                 "seed": seed,
                 **{
                     k: r["mean"][k] - other["mean"][k]

@@ -59,7 +59,7 @@ def test_verify_net_in_out():
 
 
 @pytest.mark.slow
-def test_train_resume_evaluate_infer_export(tmp_path):
+def test_train_resume_evaluate_infer(tmp_path):
     root = str(tmp_path)
     # 1. train from nothing: the phantom is generated, 4 iterations, validation every 2
     out = bundle(

@@ -37,7 +37,8 @@ def draw(folders: dict[str, str], out: str, method: str = "full", baseline: str 
             gain = d[method] - d[baseline]
             ax.plot([0, 1], [d[baseline], d[method]], marker="o", color="tab:green" if gain > 0 else "tab:red")
             lines.append(f"seed {seed}: {gain:+.3f}")
-        ax.text(0.03, 0.97, f"{method} − baseline\n" + "\n".join(lines), transform=ax.transAxes, va="top", fontsize=8)
+        text = f"{method} − baseline\n" + "\n".join(lines)
+        ax.text(0.03, 0.03, text, transform=ax.transAxes, va="bottom", fontsize=8)
         ax.set_xticks([0, 1], [baseline.replace("_", " "), method])
         ax.set_xlim(-0.5, 1.5)
         ax.set_title(title)

@@ -421,7 +421,7 @@ def pipeline_report(
     }
 
 
-#: the matrix products of an iteration (what :func:`iteration_floor` sets beside the machine's GEMM rate)
+#: the matrix products of an iteration (what ``floor`` sets beside the machine's matrix-product rate)
 MATRIX_PRODUCTS = ("mm", "addmm", "bmm")
 
 
